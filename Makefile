@@ -1,0 +1,36 @@
+# Quick start: `make run` runs the pipeline over a week of dates; `make test` runs lint and every test.
+# Both create or update the locked environment first (bootstrapping uv with pip if needed).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
+RUN := $(UV) run --locked
+
+.PHONY: env run test lint format ui clean
+
+env:
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 \
+		|| $(PYTHON) -m pip install --quiet uv
+	$(UV) sync --locked
+
+run: env
+	$(RUN) event-stats run
+
+test: env lint
+	$(RUN) pytest
+
+lint: env
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) sqlfluff lint dbt_project
+
+format: env
+	$(RUN) ruff check --fix .
+	$(RUN) ruff format .
+	$(RUN) sqlfluff fix dbt_project
+
+ui: env
+	$(RUN) event-stats airflow standalone
+
+clean:
+	rm -rf .airflow data dbt_project/target dbt_project/logs dbt_project/dbt_packages logs

@@ -1,0 +1,1 @@
+"""Event statistics pipeline: events API, loader, email and CLI."""

@@ -1,0 +1,90 @@
+"""Every setting of the pipeline: an environment variable with a default that works as cloned.
+
+Paths default to locations inside the repository, so a clone runs with no configuration at all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _path(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser().resolve() if value else default
+
+
+def warehouse_path() -> Path:
+    """The DuckDB file that holds raw.events and analytics.event_stats."""
+    return _path("WAREHOUSE_PATH", REPO_ROOT / "data" / "warehouse.duckdb")
+
+
+def events_api_url() -> str:
+    """Base URL of the events API (without /events)."""
+    return os.environ.get("EVENTS_API_URL", "http://127.0.0.1:5000").rstrip("/")
+
+
+def email_to() -> list[str]:
+    """Recipients of the daily stats email (comma-separated in $EMAIL_TO)."""
+    raw = os.environ.get("EMAIL_TO", "stats@example.com")
+    return [address.strip() for address in raw.split(",") if address.strip()]
+
+
+def email_from() -> str:
+    return os.environ.get("EMAIL_FROM", "event-stats@localhost")
+
+
+def email_outbox_dir() -> Path:
+    """Where the default email backend writes .eml files."""
+    return _path("EMAIL_OUTBOX_DIR", REPO_ROOT / "data" / "outbox")
+
+
+def smtp_conn_id() -> str:
+    """Airflow connection used for SMTP when it exists; otherwise email goes to the outbox."""
+    return os.environ.get("EVENT_STATS_SMTP_CONN_ID", "smtp_default")
+
+
+def dbt_project_dir() -> Path:
+    return _path("DBT_PROJECT_DIR", REPO_ROOT / "dbt_project")
+
+
+def dbt_profiles_dir() -> Path:
+    return _path("DBT_PROFILES_DIR", REPO_ROOT)
+
+
+def warehouse_lock_timeout() -> float:
+    """Seconds to wait for another process's DuckDB write lock before failing."""
+    return float(os.environ.get("WAREHOUSE_LOCK_TIMEOUT", "300"))
+
+
+# Airflow pool with one slot that every task opening the DuckDB file runs in.
+WAREHOUSE_POOL = "duckdb_warehouse"
+
+
+def airflow_home() -> Path:
+    return _path("AIRFLOW_HOME", REPO_ROOT / ".airflow")
+
+
+def airflow_env() -> dict[str, str]:
+    """Airflow configuration for the embedded defaults: SQLite, LocalExecutor, dags/ of this repo.
+
+    Values already present in the environment win, so a deployment can override any of them.
+    """
+    home = airflow_home()
+    defaults = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "4",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        "DO_NOT_TRACK": "1",
+        "SCARF_ANALYTICS": "false",
+    }
+    return {key: os.environ.get(key, value) for key, value in defaults.items()}

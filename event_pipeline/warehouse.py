@@ -1,0 +1,83 @@
+"""The one place that opens the DuckDB warehouse.
+
+DuckDB allows one process to hold a database file at a time. `connect` waits, with a bounded
+retry, while another process (a load, dbt, a user's SQL shell) holds the lock, then fails with a
+message naming the holder.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+from event_pipeline import settings
+
+log = logging.getLogger(__name__)
+
+RAW_SCHEMA_DDL = """
+create schema if not exists raw;
+create table if not exists raw.events (
+    event_id    varchar   not null primary key,
+    user_id     varchar   not null,
+    event_type  varchar,
+    event_at    timestamp not null,  -- UTC, without offset
+    event_date  date      not null,  -- UTC date of event_at: the partition key
+    load_id     varchar   not null   -- raw.load_log.load_id of the load that wrote the row
+);
+"""
+
+
+class WarehouseLockedError(RuntimeError):
+    """Another process held the DuckDB file for longer than the lock timeout."""
+
+
+def _lock_holder(message: str) -> str:
+    match = re.search(r"Conflicting lock is held in (.+?) \(PID (\d+)\)", message)
+    return f"{match.group(1)} (PID {match.group(2)})" if match else "another process"
+
+
+@contextmanager
+def connect(
+    path: Path | None = None,
+    *,
+    read_only: bool = False,
+    lock_timeout: float | None = None,
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the warehouse, waiting up to `lock_timeout` seconds for another process's lock."""
+    path = Path(path) if path else settings.warehouse_path()
+    timeout = settings.warehouse_lock_timeout() if lock_timeout is None else lock_timeout
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        try:
+            connection = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException as error:
+            if "Could not set lock" not in str(error):
+                raise
+            holder = _lock_holder(str(error))
+            if time.monotonic() >= deadline:
+                raise WarehouseLockedError(
+                    f"The warehouse {path} is locked by {holder}; waited {timeout:.0f} s. "
+                    "Close that process (an open SQL shell, a running load or dbt) and retry, "
+                    "or raise WAREHOUSE_LOCK_TIMEOUT."
+                ) from error
+            log.info("Warehouse %s is locked by %s; waiting", path, holder)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def ensure_raw_schema(connection: duckdb.DuckDBPyConnection) -> None:
+    connection.execute(RAW_SCHEMA_DDL)

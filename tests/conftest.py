@@ -1,0 +1,94 @@
+"""Shared fixtures: Airflow's embedded configuration, free ports, and the real events API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from event_pipeline import settings
+
+# Airflow reads its configuration at import: set it before any test imports airflow.
+os.environ.update(settings.airflow_env())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode} before serving")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Stop a process we started, by its PID: SIGTERM, then SIGKILL after a grace period."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+EventsApi = Callable[..., str]
+
+
+@pytest.fixture
+def events_api(tmp_path: Path) -> Iterator[EventsApi]:
+    """Start `event-stats serve-events` on a free localhost port; returns its base URL.
+
+    Keyword arguments become command-line options: events_api(data_dir=d, fail_first=2)
+    runs `serve-events --data-dir d --fail-first 2`. A value of True is a bare flag.
+    Every server started is stopped by PID at the end of the test.
+    """
+    started: list[subprocess.Popen] = []
+
+    def start(**options: object) -> str:
+        port = free_port()
+        argv = [sys.executable, "-m", "event_pipeline.cli", "serve-events", "--port", str(port)]
+        for name, value in options.items():
+            flag = "--" + name.replace("_", "-")
+            if value is True:
+                argv.append(flag)
+            elif value not in (None, False):
+                argv += [flag, str(value)]
+        log_file = tmp_path / f"events-api-{port}.log"
+        with log_file.open("wb") as log:
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        started.append(process)
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/health", process)
+        return url
+
+    yield start
+    for process in started:
+        stop_process(process)
+
+
+@pytest.fixture
+def warehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh DuckDB file path in a temp dir, also exported as $WAREHOUSE_PATH."""
+    path = tmp_path / "warehouse.duckdb"
+    monkeypatch.setenv("WAREHOUSE_PATH", str(path))
+    return path
