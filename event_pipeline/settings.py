@@ -26,6 +26,21 @@ def events_api_url() -> str:
     return os.environ.get("EVENTS_API_URL", "http://127.0.0.1:5000").rstrip("/")
 
 
+def events_api_attempts() -> int:
+    """How many times the loader tries a request (connection errors, timeouts, 5xx) before failing."""
+    return max(1, int(os.environ.get("EVENTS_API_ATTEMPTS", "5")))
+
+
+def events_api_timeout() -> float:
+    """Seconds the loader waits to connect to the events API, or for its next bytes."""
+    return float(os.environ.get("EVENTS_API_TIMEOUT", "60"))
+
+
+def events_api_backoff() -> float:
+    """First retry delay in seconds; it doubles after every failed attempt."""
+    return float(os.environ.get("EVENTS_API_BACKOFF", "1"))
+
+
 def email_to() -> list[str]:
     """Recipients of the daily stats email (comma-separated in $EMAIL_TO)."""
     raw = os.environ.get("EMAIL_TO", "stats@example.com")
