@@ -6,15 +6,70 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def _serve_events(args: argparse.Namespace) -> int:
-    raise SystemExit("serve-events: not implemented yet")
+    from event_pipeline.events.server import ServerConfig, serve
+
+    config = ServerConfig(
+        data_dir=args.data_dir,
+        events_per_day=args.events_per_day,
+        record_format=args.record_format,
+        fail_first=args.fail_first,
+        delay=args.delay,
+        truncate_after=args.truncate_after,
+    )
+    serve(config, host=args.host, port=args.port)
+    return 0
+
+
+def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def _iso_date(text: str):  # noqa: ANN202 - argparse type
+    from datetime import date
+
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a YYYY-MM-DD date: {text!r}") from None
 
 
 def _load(args: argparse.Namespace) -> int:
-    raise SystemExit("load: not implemented yet")
+    """Load raw events of [start, end) into the warehouse, one atomic transaction per date."""
+    from event_pipeline.loader import load_range
+    from event_pipeline.sources import EventSourceError
+    from event_pipeline.warehouse import WarehouseLockedError
+
+    try:
+        results = load_range(
+            args.start,
+            args.end,
+            api_url=args.api_url,
+            warehouse_path=args.warehouse,
+            run_id=args.run_id,
+            progress=True,
+        )
+    except (EventSourceError, WarehouseLockedError, ValueError) as error:
+        raise SystemExit(f"load failed: {error}") from error
+    replaced = sum(result.changed for result in results)
+    rows = sum(result.rows for result in results)
+    print(
+        f"loaded {len(results)} date(s): {replaced} replaced, {len(results) - replaced} "
+        f"unchanged, {rows:,} rows",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _airflow(args: argparse.Namespace) -> int:
@@ -31,9 +86,54 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve-events", help="run the events API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=5000)
+    serve.add_argument(
+        "--data-dir", type=Path, help="replay mode: serve DIR/*.json, re-read on each request"
+    )
+    serve.add_argument(
+        "--events-per-day",
+        type=_non_negative(int),
+        help="generated mode: events per UTC day (default: 200 to 2000, chosen per day)",
+    )
+    serve.add_argument(
+        "--record-format",
+        choices=["standard", "book"],
+        default="standard",
+        help='book: {"user", "date": RFC 1123 GMT} records, like the book\'s Flask API',
+    )
+    serve.add_argument(
+        "--fail-first",
+        type=_non_negative(int),
+        default=0,
+        metavar="N",
+        help="fault: answer 503 to the first N GET /events requests",
+    )
+    serve.add_argument(
+        "--delay",
+        type=_non_negative(float),
+        default=0.0,
+        metavar="SECONDS",
+        help="fault: wait this long before answering each GET /events",
+    )
+    serve.add_argument(
+        "--truncate-after",
+        type=_non_negative(int),
+        metavar="BYTES",
+        help="fault: send only this many bytes of each /events body, then drop the connection",
+    )
     serve.set_defaults(handler=_serve_events)
 
     load = commands.add_parser("load", help="load raw events of [start, end) into the warehouse")
+    load.add_argument("--start", type=_iso_date, required=True, help="YYYY-MM-DD")
+    load.add_argument(
+        "--end", type=_iso_date, help="YYYY-MM-DD, exclusive (default: start + 1 day)"
+    )
+    load.add_argument("--api-url", help="events API base URL (default: $EVENTS_API_URL)")
+    load.add_argument(
+        "--warehouse", type=Path, help="DuckDB file (default: $WAREHOUSE_PATH)"
+    )
+    load.add_argument("--run-id", help="recorded in raw.load_log (default: manual-<time>)")
     load.set_defaults(handler=_load)
 
     airflow = commands.add_parser(
