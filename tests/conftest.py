@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -59,23 +59,27 @@ def events_api(tmp_path: Path) -> Iterator[EventsApi]:
     """Start `event-stats serve-events` on a free localhost port; returns its base URL.
 
     Keyword arguments become command-line options: events_api(data_dir=d, fail_first=2)
-    runs `serve-events --data-dir d --fail-first 2`. A value of True is a bare flag.
+    runs `serve-events --data-dir d --fail-first 2`. A value of True is a bare flag; None and
+    False leave the option out. `env` (not an option) adds environment variables to the server's
+    environment, e.g. events_api(env={"TZ": "Asia/Tokyo"}).
     Every server started is stopped by PID at the end of the test.
     """
     started: list[subprocess.Popen] = []
 
-    def start(**options: object) -> str:
+    def start(*, env: Mapping[str, str] | None = None, **options: object) -> str:
         port = free_port()
         argv = [sys.executable, "-m", "event_pipeline.cli", "serve-events", "--port", str(port)]
         for name, value in options.items():
             flag = "--" + name.replace("_", "-")
             if value is True:
                 argv.append(flag)
-            elif value not in (None, False):
+            elif value is not None and value is not False:
                 argv += [flag, str(value)]
         log_file = tmp_path / f"events-api-{port}.log"
         with log_file.open("wb") as log:
-            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
         started.append(process)
         url = f"http://127.0.0.1:{port}"
         wait_for_http(f"{url}/health", process)

@@ -80,7 +80,7 @@ def generate_day(day: date, events_per_day: int | None = None) -> Iterator[Event
     for _ in range(total):
         counts[int(rand() * MINUTES_PER_DAY)] += 1
 
-    prefix = day.strftime("%Y%m%d") + "-"
+    prefix = f"{day.year:04d}{day.month:02d}{day.day:02d}-"
     day_ms = (day - _EPOCH).days * 86_400_000
     ordinal = 0
     for minute, count in enumerate(counts):

@@ -38,10 +38,11 @@ class _MinutePrefixes:
     def _update(self, minute: int) -> None:
         moment = _EPOCH + timedelta(minutes=minute)
         self._minute = minute
-        self._iso = f"{moment:%Y-%m-%dT%H:%M}:"
+        day = f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}"
+        self._iso = f"{day}T{moment.hour:02d}:{moment.minute:02d}:"
         self._http = (
             f"{_WEEKDAYS[moment.weekday()]}, {moment.day:02d} {_MONTHS[moment.month - 1]} "
-            f"{moment.year:04d} {moment:%H:%M}:"
+            f"{moment.year:04d} {moment.hour:02d}:{moment.minute:02d}:"
         )
 
     def iso(self, at_ms: int) -> str:
