@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -17,6 +20,11 @@ import pytest
 from event_pipeline import settings
 
 # Airflow reads its configuration at import: set it before any test imports airflow.
+# Tests never touch the repository's .airflow: a fresh Airflow home (SQLite) per test session.
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="event-stats-airflow-"))
+atexit.register(shutil.rmtree, _AIRFLOW_HOME, ignore_errors=True)
+os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
+os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}"
 os.environ.update(settings.airflow_env())
 
 

@@ -1,0 +1,97 @@
+"""Glue between Airflow and the package: setup on demand, the run's processed date, SMTP lookup.
+
+Airflow reads its configuration when it is first imported, so callers apply
+`settings.airflow_env()` to os.environ before calling anything here (`configure_environment`).
+Airflow itself is imported lazily, inside the functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from event_pipeline import settings
+from event_pipeline.report import SmtpSettings
+
+log = logging.getLogger(__name__)
+
+
+def configure_environment() -> None:
+    """Apply the embedded Airflow configuration (values already in the environment win)."""
+    os.environ.update(settings.airflow_env())
+
+
+def ensure_airflow() -> None:
+    """Create or upgrade the metadata database and create the warehouse pool. Idempotent.
+
+    The pool matters: a task in a pool that does not exist is held by the scheduler forever.
+    """
+    configure_environment()
+    from airflow.models.pool import Pool
+    from airflow.utils import db
+
+    settings.airflow_home().mkdir(parents=True, exist_ok=True)
+    db.upgradedb()  # creates a fresh database, or migrates an old one; no-op when current
+    pool = Pool.get_pool(settings.WAREHOUSE_POOL)
+    if pool is None or pool.slots != 1:
+        Pool.create_or_update_pool(
+            name=settings.WAREHOUSE_POOL,
+            slots=1,
+            description="One writer at a time for the DuckDB warehouse file",
+            include_deferred=False,
+        )
+        log.info("Created Airflow pool %s with 1 slot", settings.WAREHOUSE_POOL)
+
+
+def run_day(dag_run: Any, offset: int = 0) -> str:
+    """The date (YYYY-MM-DD) a DAG run processes, plus `offset` days.
+
+    The logical date when the run has one: a scheduled run of the daily CronDataIntervalTimetable
+    and a backfill have logical_date = the start of the day they cover, and
+    `airflow dags test event_stats D` has logical_date = D. A manual run without a logical date
+    processes its data interval's start (the last complete day).
+    """
+    moment: datetime | None = dag_run.logical_date or dag_run.data_interval_start
+    if moment is None:
+        raise ValueError(f"DAG run {dag_run.run_id} has neither a logical date nor a data interval")
+    day = moment.astimezone(UTC).date() if moment.tzinfo else moment.date()
+    return (day + timedelta(days=offset)).isoformat()
+
+
+def run_date(dag_run: Any) -> date:
+    return date.fromisoformat(run_day(dag_run))
+
+
+def smtp_settings(conn_id: str | None = None) -> SmtpSettings | None:
+    """SMTP settings from Airflow's connection `conn_id`, or None when it does not exist.
+
+    Extras follow the SMTP provider's names: disable_ssl (default false in the provider; SSL is
+    used unless disabled), disable_tls, timeout, from_email.
+    """
+    from airflow.exceptions import AirflowNotFoundException
+    from airflow.sdk import BaseHook
+
+    conn_id = conn_id or settings.smtp_conn_id()
+    try:
+        connection = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        log.info("No Airflow connection %s: stats emails go to the outbox", conn_id)
+        return None
+    extra = connection.extra_dejson
+    use_ssl = not _flag(extra.get("disable_ssl", False))
+    return SmtpSettings(
+        host=connection.host or "localhost",
+        port=int(connection.port or (465 if use_ssl else 25)),
+        login=connection.login or None,
+        password=connection.password or None,
+        use_ssl=use_ssl,
+        starttls=not use_ssl and not _flag(extra.get("disable_tls", False)),
+        timeout=float(extra.get("timeout", 30)),
+        from_email=extra.get("from_email"),
+    )
+
+
+def _flag(value: object) -> bool:
+    return value is True or str(value).strip().lower() in {"true", "1", "yes"}
