@@ -72,11 +72,35 @@ def _load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from event_pipeline import pipeline
+
+    return pipeline.run(args.start, args.end, port=args.port)
+
+
+def _send_stats(args: argparse.Namespace) -> int:
+    from event_pipeline import airflow_support, report
+
+    smtp = None
+    if not args.outbox:
+        airflow_support.configure_environment()
+        smtp = airflow_support.smtp_settings()
+    for result in report.send_stats(args.date, warehouse_path=args.warehouse, smtp=smtp):
+        print(f"{result.event_date} {result.recipient}: {result.status} {result.message_id}")
+    return 0
+
+
+# `airflow` subcommands that must work before (or without) our setup.
+_AIRFLOW_NO_SETUP = {"db", "version", "config", "info", "cheat-sheet", "-h", "--help"}
+
+
 def _airflow(args: argparse.Namespace) -> int:
     """Run the `airflow` command with this project's embedded configuration."""
-    from event_pipeline import settings
+    from event_pipeline import airflow_support, settings
 
     os.environ.update(settings.airflow_env())
+    if args.airflow_args and args.airflow_args[0] not in _AIRFLOW_NO_SETUP:
+        airflow_support.ensure_airflow()  # metadata database and the warehouse pool
     os.execvp("airflow", ["airflow", *args.airflow_args])
 
 
@@ -130,11 +154,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--end", type=_iso_date, help="YYYY-MM-DD, exclusive (default: start + 1 day)"
     )
     load.add_argument("--api-url", help="events API base URL (default: $EVENTS_API_URL)")
-    load.add_argument(
-        "--warehouse", type=Path, help="DuckDB file (default: $WAREHOUSE_PATH)"
-    )
+    load.add_argument("--warehouse", type=Path, help="DuckDB file (default: $WAREHOUSE_PATH)")
     load.add_argument("--run-id", help="recorded in raw.load_log (default: manual-<time>)")
     load.set_defaults(handler=_load)
+
+    run = commands.add_parser(
+        "run",
+        help="the `make run` job: the event_stats DAG through Airflow over a week of dates",
+    )
+    run.add_argument("--start", type=_iso_date, help="first date, YYYY-MM-DD (default: 2026-01-01)")
+    run.add_argument(
+        "--end", type=_iso_date, help="YYYY-MM-DD, exclusive (default: start + 7 days)"
+    )
+    run.add_argument(
+        "--port", type=int, help="port of the events API it starts (default: 5000 if free)"
+    )
+    run.set_defaults(handler=_run)
+
+    send = commands.add_parser(
+        "send-stats", help="email one date's stats (once per recipient and content)"
+    )
+    send.add_argument("--date", type=_iso_date, required=True, help="YYYY-MM-DD")
+    send.add_argument("--warehouse", type=Path, help="DuckDB file (default: $WAREHOUSE_PATH)")
+    send.add_argument(
+        "--outbox", action="store_true", help="write to the outbox even if SMTP is configured"
+    )
+    send.set_defaults(handler=_send_stats)
 
     airflow = commands.add_parser(
         "airflow",

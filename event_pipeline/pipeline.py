@@ -1,0 +1,245 @@
+"""`event-stats run` (the job behind `make run`): the event_stats DAG over a week of dates.
+
+It starts the events API on localhost, sets Airflow up (metadata database, warehouse pool), runs
+the DAG through Airflow once per date, prints a summary per date and how to query the result,
+and stops the events API it started, also on an error or Ctrl-C.
+
+Each date runs with `dag.test()` in this process: a real Airflow DAG run (recorded in the metadata
+database, visible in the UI, tasks in dependency order, retries), without starting a scheduler,
+a DAG processor and an API server (about 30 s of start-up on 2 cores). Runs are sequential, so
+only one task at a time opens the DuckDB file. The tests also run the DAG under the real scheduler
+(tests/dags/test_event_stats_backfill.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import httpx
+
+from event_pipeline import airflow_support, settings, warehouse
+
+log = logging.getLogger(__name__)
+
+# A fixed week, so `make run` gives the same tables on every machine and every day.
+DEFAULT_START = date(2026, 1, 1)
+DEFAULT_DAYS = 7
+
+
+@dataclass(frozen=True)
+class DaySummary:
+    event_date: date
+    state: str
+    raw_rows: int | None
+    stats_rows: int | None
+    email: str
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def events_api(port: int | None = None, log_file: Path | None = None) -> Iterator[str]:
+    """Start `event-stats serve-events` on localhost; yield its URL; stop it by PID afterwards."""
+    if port is None:
+        port = 5000 if _port_is_free(5000) else _free_port()
+    argv = [sys.executable, "-m", "event_pipeline.cli", "serve-events", "--port", str(port)]
+    output = log_file.open("ab") if log_file else subprocess.DEVNULL
+    process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"The events API exited with {process.returncode} before serving on {url}"
+                    + (f"; see {log_file}" if log_file else "")
+                )
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"The events API did not answer on {url} within 30 s")
+            time.sleep(0.1)
+        log.info("Events API (PID %s) serving on %s", process.pid, url)
+        yield url
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if log_file:
+            output.close()
+
+
+def _table_count(connection, sql: str, day: date) -> int | None:
+    import duckdb
+
+    try:
+        return connection.execute(sql, [day]).fetchall()[0][0]
+    except duckdb.CatalogException:
+        return None
+
+
+def _ledger(connection) -> dict[date, tuple[int, str]]:
+    """Latest (revision, message_id) per date in ops.email_log."""
+    import duckdb
+
+    try:
+        rows = connection.execute(
+            "select event_date, max(revision), arg_max(message_id, revision) "
+            "from ops.email_log group by event_date"
+        ).fetchall()
+    except duckdb.CatalogException:
+        return {}
+    return {day: (revision, message) for day, revision, message in rows}
+
+
+def summarize(
+    days: list[date], states: dict[date, str], sent_before: dict[date, tuple[int, str]]
+) -> list[DaySummary]:
+    with warehouse.connect(read_only=False) as connection:
+        sent_after = _ledger(connection)
+        summaries = []
+        for day in days:
+            before, after = sent_before.get(day), sent_after.get(day)
+            if after is None:
+                email = "not sent"
+            elif after != before:
+                email = f"sent (revision {after[0]})"
+            else:
+                email = f"unchanged, not sent again (revision {after[0]} sent earlier)"
+            summaries.append(
+                DaySummary(
+                    day,
+                    states.get(day, "not run"),
+                    _table_count(
+                        connection, "select count(*) from raw.events where event_date = ?", day
+                    ),
+                    _table_count(
+                        connection,
+                        "select count(*) from analytics.event_stats where event_date = ?",
+                        day,
+                    ),
+                    email,
+                )
+            )
+    return summaries
+
+
+def _load_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(settings.REPO_ROOT / "dags" / "event_stats.py"))
+    if bag.import_errors:
+        raise RuntimeError(f"dags/event_stats.py does not import: {bag.import_errors}")
+    return bag.get_dag("event_stats")
+
+
+def run_dates(days: list[date]) -> dict[date, str]:
+    """Run the event_stats DAG once per date (sequentially, in this process); state per date."""
+    dag = _load_dag()
+    states: dict[date, str] = {}
+    for day in days:
+        logical_date = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        started = time.monotonic()
+        print(f"==> {day}: running DAG event_stats ...", flush=True)
+        dag_run = dag.test(logical_date=logical_date)
+        states[day] = str(getattr(dag_run.state, "value", dag_run.state))
+        print(f"==> {day}: {states[day]} in {time.monotonic() - started:.1f} s", flush=True)
+    return states
+
+
+def _sigterm_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def print_summary(summaries: list[DaySummary]) -> None:
+    def show(value: int | None) -> str:
+        return "-" if value is None else f"{value:,}"
+
+    print()
+    print(f"{'date':<12}{'run':<10}{'raw rows':>10}{'stats rows':>12}  email")
+    for s in summaries:
+        print(
+            f"{s.event_date.isoformat():<12}{s.state:<10}{show(s.raw_rows):>10}"
+            f"{show(s.stats_rows):>12}  {s.email}"
+        )
+    path = settings.warehouse_path()
+    try:
+        shown = path.relative_to(Path.cwd())
+    except ValueError:
+        shown = path
+    print()
+    print(f"Emails: {settings.email_outbox_dir()} (or SMTP when the Airflow connection exists)")
+    print("Query the result with SQL, for example:")
+    print(
+        f'  uv run duckdb {shown} -c "select event_date, count(*) as users, '
+        'sum(event_count) as events from analytics.event_stats group by all order by 1"'
+    )
+    print(
+        f'  uv run duckdb {shown} -c "select * from analytics.event_stats '
+        "where event_date = '"
+        + summaries[0].event_date.isoformat()
+        + "' order by event_count desc limit 10\""
+    )
+
+
+def run(start: date | None = None, end: date | None = None, port: int | None = None) -> int:
+    """The `make run` job; returns the exit code (0 when every date's run succeeded)."""
+    start = start or DEFAULT_START
+    end = end or start + timedelta(days=DEFAULT_DAYS)
+    if end <= start:
+        raise ValueError(f"--end {end} must be after --start {start}")
+    days = [start + timedelta(days=i) for i in range((end - start).days)]
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    began = time.monotonic()
+    try:
+        print(f"Setting up Airflow in {settings.airflow_home()} ...", flush=True)
+        airflow_support.ensure_airflow()
+        log_dir = settings.warehouse_path().parent
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with events_api(port, log_file=log_dir / "events-api.log") as url:
+            import os
+
+            os.environ["EVENTS_API_URL"] = url
+            with warehouse.connect() as connection:
+                sent_before = _ledger(connection)
+            states = run_dates(days)
+        summaries = summarize(days, states, sent_before)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print_summary(summaries)
+    print(f"\nDone in {time.monotonic() - began:.0f} s.")
+    failed = [s for s in summaries if s.state != "success"]
+    if failed:
+        print(f"Failed dates: {', '.join(str(s.event_date) for s in failed)}; see the Airflow UI.")
+        return 1
+    return 0
