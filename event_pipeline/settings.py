@@ -69,11 +69,6 @@ def dbt_profiles_dir() -> Path:
     return _path("DBT_PROFILES_DIR", REPO_ROOT)
 
 
-def dbt_seeds_dir() -> Path:
-    """CSV reference data of the dbt project (its seed-paths; absolute for Cosmos's temp copy)."""
-    return _path("DBT_SEEDS_DIR", REPO_ROOT / "seeds")
-
-
 def warehouse_lock_timeout() -> float:
     """Seconds to wait for another process's DuckDB write lock before failing."""
     return float(os.environ.get("WAREHOUSE_LOCK_TIMEOUT", "300"))
