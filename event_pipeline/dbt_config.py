@@ -1,0 +1,176 @@
+"""How the pipeline runs dbt: the Cosmos configs of the DAG, and `run_dbt` for in-process runs.
+
+Both give dbt the warehouse as an absolute path (`dbt_env`): profiles.yml reads WAREHOUSE_PATH,
+and its relative default (data/warehouse.duckdb) would point elsewhere when Cosmos runs dbt from
+a temporary copy of the project.
+
+Cosmos is imported inside the functions that need it, so `run_dbt` costs no Airflow import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from event_pipeline import settings
+
+if TYPE_CHECKING:
+    from cosmos import ExecutionConfig, ProfileConfig, ProjectConfig, RenderConfig
+    from dbt.cli.main import dbtRunnerResult
+
+PROFILE_NAME = "event_stats"
+TARGET_NAME = "dev"
+
+
+class DbtRunError(RuntimeError):
+    """A dbt command failed; the message carries dbt's own error text."""
+
+
+def dbt_env(warehouse_path: Path | None = None) -> dict[str, str]:
+    """Environment variables every dbt run of this project needs, as absolute paths."""
+    path = Path(warehouse_path) if warehouse_path else settings.warehouse_path()
+    return {"WAREHOUSE_PATH": str(path.expanduser().resolve())}
+
+
+def dbt_executable() -> Path:
+    """The dbt of the environment this package runs in (the project's venv)."""
+    return Path(sys.executable).parent / "dbt"
+
+
+def format_vars(dbt_vars: Mapping[str, Any]) -> str:
+    """dbt's --vars argument; dates become ISO strings."""
+    return json.dumps(
+        {k: v.isoformat() if isinstance(v, date) else v for k, v in dbt_vars.items()},
+        sort_keys=True,
+    )
+
+
+def date_vars(start: date, end: date | None = None) -> dict[str, str]:
+    """The vars that make dbt process [start, end) (end exclusive, default start + 1 day)."""
+    dbt_vars = {"start_date": start.isoformat()}
+    if end is not None:
+        dbt_vars["end_date"] = end.isoformat()
+    return dbt_vars
+
+
+# --- Cosmos -------------------------------------------------------------------------------
+
+
+def project_config() -> ProjectConfig:
+    """The dbt project and its environment (used at DAG parse and at task run)."""
+    from cosmos import ProjectConfig
+
+    return ProjectConfig(dbt_project_path=settings.dbt_project_dir(), env_vars=dbt_env())
+
+
+def profile_config() -> ProfileConfig:
+    """The repository's profiles.yml, the same file a person uses with --profiles-dir ."""
+    from cosmos import ProfileConfig
+
+    return ProfileConfig(
+        profile_name=PROFILE_NAME,
+        target_name=TARGET_NAME,
+        profiles_yml_filepath=settings.dbt_profiles_dir() / "profiles.yml",
+    )
+
+
+def execution_config() -> ExecutionConfig:
+    """Run dbt in the task's process (dbtRunner) with the venv's dbt."""
+    from cosmos import ExecutionConfig
+    from cosmos.constants import InvocationMode
+
+    return ExecutionConfig(
+        dbt_executable_path=dbt_executable(),
+        invocation_mode=InvocationMode.DBT_RUNNER,
+    )
+
+
+def render_config(**overrides: Any) -> RenderConfig:
+    """How Cosmos turns the project into tasks at DAG parse.
+
+    LoadMode.DBT_LS runs `dbt ls` once and keeps its output in an Airflow Variable (Cosmos's
+    dbt ls cache, on by default); later parses reuse it until a file of dbt_project/ changes.
+    It needs no manifest in the repository and does not open the warehouse. TestBehavior.AFTER_EACH
+    runs each model's tests right after it, so a failing test stops what depends on the model.
+    """
+    from cosmos import RenderConfig
+    from cosmos.constants import LoadMode, TestBehavior
+
+    options: dict[str, Any] = {
+        "load_method": LoadMode.DBT_LS,
+        "test_behavior": TestBehavior.AFTER_EACH,
+        "dbt_executable_path": dbt_executable(),
+    }
+    options.update(overrides)
+    return RenderConfig(**options)
+
+
+# --- in-process dbt -----------------------------------------------------------------------
+
+
+@contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _failure_message(result: dbtRunnerResult) -> str:
+    if result.exception is not None:
+        return str(result.exception)
+    failures = []
+    for node_result in getattr(result.result, "results", None) or []:
+        status = str(getattr(node_result, "status", "")).lower()
+        if status in {"error", "fail", "runtime error"}:
+            name = getattr(getattr(node_result, "node", None), "name", "?")
+            failures.append(f"{name} ({status}): {node_result.message}")
+    return "; ".join(failures) or "dbt reported failure without details; see its log above"
+
+
+def run_dbt(
+    args: list[str],
+    *,
+    dbt_vars: Mapping[str, Any] | None = None,
+    warehouse_path: Path | None = None,
+) -> dbtRunnerResult:
+    """Run `dbt <args>` in this process on the project and profiles of this repository.
+
+    `dbt_vars` become --vars (e.g. date_vars(day)); `warehouse_path` defaults to
+    settings.warehouse_path(). Returns dbt's result; raises DbtRunError with dbt's message when
+    the command fails (a failing test included). Sets environment variables while dbt runs, so
+    do not call it from several threads at once.
+    """
+    from dbt.cli.main import dbtRunner
+
+    command = [
+        *args,
+        "--project-dir",
+        str(settings.dbt_project_dir()),
+        "--profiles-dir",
+        str(settings.dbt_profiles_dir()),
+    ]
+    if dbt_vars:
+        command += ["--vars", format_vars(dbt_vars)]
+    env = dbt_env(warehouse_path)
+    with _environment(env):
+        result = dbtRunner().invoke(command)
+    if not result.success:
+        shown_vars = format_vars(dbt_vars) if dbt_vars else "none (every date)"
+        raise DbtRunError(
+            f"`dbt {' '.join(args)}` failed on {env['WAREHOUSE_PATH']} with vars {shown_vars}: "
+            f"{_failure_message(result)}"
+        )
+    return result
