@@ -27,7 +27,7 @@ def events_api_url() -> str:
 
 
 def events_api_attempts() -> int:
-    """How many times the loader tries a request (connection errors, timeouts, 5xx) before failing."""
+    """Attempts per events API request (connection errors, timeouts, 5xx) before failing."""
     return max(1, int(os.environ.get("EVENTS_API_ATTEMPTS", "5")))
 
 
