@@ -57,3 +57,20 @@
         ({{ column }} >= date '{{ date_range.start }}' and {{ column }} < date '{{ date_range.end }}')
     {%- endif -%}
 {%- endmacro %}
+
+
+{#
+    A full refresh rebuilds a model from scratch, so with a date range it would drop every date
+    outside the range. Fail instead, naming the range. (Unit tests, which set their own vars,
+    are not builds and pass.)
+#}
+{% macro forbid_full_refresh_with_date_range() -%}
+    {%- set date_range = processed_date_range() -%}
+    {%- if execute and flags.FULL_REFRESH and model.resource_type == 'model'
+        and date_range is not none -%}
+        {{ exceptions.raise_compiler_error(
+            "--full-refresh rebuilds every date of " ~ this ~ "; run it without the vars "
+            ~ "start_date/end_date (given: " ~ date_range.start ~ " to " ~ date_range.end ~ ")."
+        ) }}
+    {%- endif -%}
+{%- endmacro %}

@@ -4,13 +4,7 @@
     (meta.replace_where, see macros/delete_insert_replace_where.sql); other dates are not touched.
     Without vars every date is processed, so the table is made equal to raw.events.
 #}
-{%- set date_range = processed_date_range() -%}
-{%- if execute and date_range is not none and flags.FULL_REFRESH -%}
-    {{ exceptions.raise_compiler_error(
-        "--full-refresh rebuilds every date of analytics.event_stats; run it without the vars "
-        ~ "start_date/end_date (given: " ~ date_range.start ~ " to " ~ date_range.end ~ ")."
-    ) }}
-{%- endif -%}
+{{- forbid_full_refresh_with_date_range() }}
 {{
     config(
         materialized='incremental',
