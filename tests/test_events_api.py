@@ -216,6 +216,15 @@ def test_replay_window_edges_offsets_and_order(events_api, tmp_path):
         ],
     )
     (data / "notes.txt").write_text("not a *.json file: ignored")
+    # A timestamp without offset is taken as UTC; a book-shaped record is placed by its date.
+    write_replay(
+        data,
+        "c.json",
+        [
+            event("naive", "2019-01-03T05:00:00"),
+            {"user": "10.0.0.2", "date": "Thu, 03 Jan 2019 06:00:00 GMT"},
+        ],
+    )
     base = events_api(data_dir=data)
 
     records = get_events(base, "2019-01-01", "2019-01-02")
@@ -231,6 +240,10 @@ def test_replay_window_edges_offsets_and_order(events_api, tmp_path):
     assert [r["event_id"] for r in previous] == ["tokyo-previous-utc-day"]
     ndjson = get_bytes(base, "2018-12-31", "2019-01-03", ndjson=True).splitlines()
     assert len(ndjson) == 7
+    assert get_events(base, "2019-01-03", "2019-01-04") == [
+        event("naive", "2019-01-03T05:00:00"),
+        {"user": "10.0.0.2", "date": "Thu, 03 Jan 2019 06:00:00 GMT"},
+    ]
 
 
 def test_replay_rereads_the_files_on_every_request(events_api, tmp_path):

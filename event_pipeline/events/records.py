@@ -92,25 +92,21 @@ def replayed_records(
 
 def body_chunks(records: Iterable[str], ndjson: bool) -> Iterator[bytes]:
     """A JSON array (one record a line) or NDJSON, in chunks of about CHUNK_BYTES."""
-    parts: list[str] = []
+    opening, between, closing = ("", "\n", "\n") if ndjson else ("[\n", ",\n", "\n]\n")
+    parts = [opening]
     size = 0
-    separator = "\n" if ndjson else ",\n"
-    first = True
-    if not ndjson:
-        parts.append("[\n")
+    empty = True
     for record in records:
-        if first:
-            first = False
-        elif not ndjson:
-            parts.append(separator)
+        if not empty:
+            parts.append(between)
+        empty = False
         parts.append(record)
-        if ndjson:
-            parts.append("\n")
         size += len(record)
         if size >= CHUNK_BYTES:
             yield "".join(parts).encode("utf-8")
-            parts.clear()
+            parts = []
             size = 0
-    if not ndjson:
-        parts.append("\n]\n" if not first else "]\n")
+    if empty:
+        closing = "" if ndjson else "]\n"
+    parts.append(closing)
     yield "".join(parts).encode("utf-8")
