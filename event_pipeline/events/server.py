@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime, time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Send
 
 from event_pipeline.events import records
@@ -104,6 +104,7 @@ def _wants_ndjson(request: Request) -> bool:
 
 
 def create_app(config: ServerConfig) -> FastAPI:
+    """The ASGI app; one per server process (the --fail-first count lives in it)."""
     app = FastAPI(title="event-stats events API", docs_url=None, redoc_url=None)
     state = {"events_requests": 0}
 
@@ -112,7 +113,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"status": "ok", "mode": "replay" if config.data_dir else "generated"}
 
     @app.get("/events")
-    async def events(request: Request, start_date: str | None = None, end_date: str | None = None):
+    async def events(
+        request: Request, start_date: str | None = None, end_date: str | None = None
+    ) -> Response:
         state["events_requests"] += 1
         number = state["events_requests"]
         if config.delay:
