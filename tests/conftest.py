@@ -62,6 +62,29 @@ def stop_process(process: subprocess.Popen) -> None:
 EventsApi = Callable[..., str]
 
 
+def _events_api_starter(log_dir: Path, started: list[subprocess.Popen]) -> EventsApi:
+    def start(*, env: Mapping[str, str] | None = None, **options: object) -> str:
+        port = free_port()
+        argv = [sys.executable, "-m", "event_pipeline.cli", "serve-events", "--port", str(port)]
+        for name, value in options.items():
+            flag = "--" + name.replace("_", "-")
+            if value is True:
+                argv.append(flag)
+            elif value is not None and value is not False:
+                argv += [flag, str(value)]
+        log_file = log_dir / f"events-api-{port}.log"
+        with log_file.open("wb") as log:
+            process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+        started.append(process)
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/health", process)
+        return url
+
+    return start
+
+
 @pytest.fixture
 def events_api(tmp_path: Path) -> Iterator[EventsApi]:
     """Start `event-stats serve-events` on a free localhost port; returns its base URL.
@@ -73,27 +96,17 @@ def events_api(tmp_path: Path) -> Iterator[EventsApi]:
     Every server started is stopped by PID at the end of the test.
     """
     started: list[subprocess.Popen] = []
+    yield _events_api_starter(tmp_path, started)
+    for process in started:
+        stop_process(process)
 
-    def start(*, env: Mapping[str, str] | None = None, **options: object) -> str:
-        port = free_port()
-        argv = [sys.executable, "-m", "event_pipeline.cli", "serve-events", "--port", str(port)]
-        for name, value in options.items():
-            flag = "--" + name.replace("_", "-")
-            if value is True:
-                argv.append(flag)
-            elif value is not None and value is not False:
-                argv += [flag, str(value)]
-        log_file = tmp_path / f"events-api-{port}.log"
-        with log_file.open("wb") as log:
-            process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-            )
-        started.append(process)
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{url}/health", process)
-        return url
 
-    yield start
+@pytest.fixture(scope="module")
+def events_api_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EventsApi]:
+    """Like events_api, but the servers live for the whole test module: for servers that keep
+    no state between requests (no --fail-first), shared by several tests to save start-up time."""
+    started: list[subprocess.Popen] = []
+    yield _events_api_starter(tmp_path_factory.mktemp("events-api"), started)
     for process in started:
         stop_process(process)
 

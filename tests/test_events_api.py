@@ -60,11 +60,26 @@ def event(event_id: str, timestamp: str, **extra: Any) -> dict[str, Any]:
     }
 
 
+# Stateless servers shared by the tests of this module (each start costs about a second).
+
+
+@pytest.fixture(scope="module")
+def generated(events_api_module) -> str:
+    """Generated mode with the default volume."""
+    return events_api_module()
+
+
+@pytest.fixture(scope="module")
+def five_a_day(events_api_module) -> str:
+    """Generated mode with --events-per-day 5."""
+    return events_api_module(events_per_day=5)
+
+
 # --- generated mode ----------------------------------------------------------------------------
 
 
-def test_generated_day_has_the_documented_shape(events_api):
-    base = events_api()
+def test_generated_day_has_the_documented_shape(generated):
+    base = generated
     assert httpx.get(f"{base}/health").json()["status"] == "ok"
     for day in (date(2019, 1, 1), date(2024, 2, 29)):
         records = get_events(base, day, day + timedelta(days=1))
@@ -80,10 +95,10 @@ def test_generated_day_has_the_documented_shape(events_api):
             ipaddress.IPv4Address(record["user"])
 
 
-def test_same_bytes_in_every_process_and_time_zone(events_api):
+def test_same_bytes_in_every_process_and_time_zone(events_api, generated):
     # The book's API seeded with local time, so its data changed with TZ. Ours must not; the
     # range spans the day Europe moved to summer time (2019-03-31).
-    servers = [events_api(env={"TZ": tz}) for tz in ("UTC", "Asia/Tokyo", "Europe/Berlin")]
+    servers = [generated] + [events_api(env={"TZ": tz}) for tz in ("Asia/Tokyo", "Europe/Berlin")]
     bodies = [get_bytes(base, "2019-03-30", "2019-04-01") for base in servers]
     assert bodies[0] == bodies[1] == bodies[2]
     # Pinned across releases: a change here silently changes every backfilled day of every user.
@@ -94,8 +109,8 @@ def test_same_bytes_in_every_process_and_time_zone(events_api):
     )
 
 
-def test_a_range_is_the_union_of_its_days(events_api):
-    base = events_api()
+def test_a_range_is_the_union_of_its_days(generated):
+    base = generated
     start = date(2019, 12, 28)  # across a year boundary
     week = get_bytes(base, start, start + timedelta(days=7), ndjson=True)
     days = [
@@ -109,23 +124,21 @@ def test_a_range_is_the_union_of_its_days(events_api):
     ]
 
 
-def test_events_per_day_sets_the_volume_up_to_the_longest_range(events_api):
-    base = events_api(events_per_day=3)
-    records = get_events(base, "2020-01-01", "2021-01-01")  # 366 days (leap year): the maximum
-    assert len(records) == 3 * 366
-    assert [r["event_id"] for r in records[:4]] == [
-        "20200101-0000001",
-        "20200101-0000002",
-        "20200101-0000003",
+def test_events_per_day_sets_the_volume_up_to_the_longest_range(events_api, five_a_day):
+    records = get_events(five_a_day, "2020-01-01", "2021-01-01")  # 366 days (leap year): the max
+    assert len(records) == 5 * 366
+    assert [r["event_id"] for r in records[4:7]] == [
+        "20200101-0000005",
         "20200102-0000001",
+        "20200102-0000002",
     ]
     empty = events_api(events_per_day=0)
     assert get_events(empty, "2020-06-01", "2020-06-03") == []
     assert get_bytes(empty, "2020-06-01", "2020-06-03", ndjson=True) == b""
 
 
-def test_ndjson_and_json_carry_the_same_records(events_api):
-    base = events_api()
+def test_ndjson_and_json_carry_the_same_records(generated):
+    base = generated
     url = events_url(base, "2019-01-01", "2019-01-03")
     as_json = httpx.get(url)
     as_ndjson = httpx.get(url, headers={"Accept": "application/x-ndjson, */*;q=0.1"})
@@ -146,8 +159,8 @@ BAD_QUERIES = [
 ]
 
 
-def test_bad_parameters_get_a_400_that_says_why(events_api):
-    base = events_api()
+def test_bad_parameters_get_a_400_that_says_why(generated):
+    base = generated
     for query, message in BAD_QUERIES:
         response = httpx.get(f"{base}/events?{query}")
         assert response.status_code == 400, query
@@ -168,9 +181,9 @@ def test_negative_options_are_refused_by_the_command_line():
 # --- the book's record format -------------------------------------------------------------------
 
 
-def test_book_format_has_the_books_shape_and_the_same_events(events_api, tmp_path):
+def test_book_format_has_the_books_shape_and_the_same_events(events_api, generated, tmp_path):
     day, next_day = "2019-01-01", "2019-01-02"
-    standard = get_events(events_api(), day, next_day)
+    standard = get_events(generated, day, next_day)
     book = get_events(events_api(record_format="book"), day, next_day)
     assert len(book) == len(standard)
     for ours, theirs in zip(standard, book, strict=True):
@@ -307,7 +320,7 @@ def test_delay_answers_slowly(events_api):
     assert httpx.get(f"{base}/health", timeout=0.5).status_code == 200
 
 
-def test_truncate_after_cuts_the_body_and_drops_the_connection(events_api):
+def test_truncate_after_cuts_the_body_and_drops_the_connection(events_api, five_a_day):
     base = events_api(truncate_after=1000, events_per_day=5)
     url = events_url(base, "2019-01-01", "2019-01-03")  # 10 events: about 1300 bytes
     with pytest.raises(httpx.RemoteProtocolError):
@@ -318,7 +331,7 @@ def test_truncate_after_cuts_the_body_and_drops_the_connection(events_api):
         for chunk in response.iter_bytes():
             received += chunk
     assert len(received) == 1000
-    normal = events_api(events_per_day=5)
+    normal = five_a_day
     assert bytes(received) == get_bytes(normal, "2019-01-01", "2019-01-03")[:1000]
     # A body shorter than the limit (one day: about 650 bytes) arrives whole.
     one_day = get_bytes(base, "2019-01-01", "2019-01-02")
