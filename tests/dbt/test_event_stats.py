@@ -1,0 +1,281 @@
+"""analytics.event_stats built by real dbt runs on a temp warehouse.
+
+Every dbt run is real (in-process dbtRunner on dbt_project/). dbt re-parses the project whenever
+its vars, profile (the warehouse path included) or files change (about 3 s). To keep the suite
+short, all tests use the same warehouse path (the file is recreated for each test) and every set
+of vars gets its own target directory for the session, so dbt's partial parse applies when a
+test repeats the vars of an earlier one: exactly what it does for a person rerunning a command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from event_pipeline import warehouse
+from event_pipeline.dbt_config import DbtRunError, date_vars, format_vars, run_dbt
+
+Stats = list[tuple[date, str, int]]
+
+
+@dataclass
+class Warehouse:
+    """A test warehouse: fill raw.events, run dbt, read analytics.event_stats."""
+
+    path: Path
+    dbt_dir: Path
+
+    def add_events(self, events: Iterable[tuple[str, str, datetime]]) -> None:
+        """Insert (event_id, user_id, event_at UTC) rows into raw.events."""
+        rows = [
+            (event_id, user, "click", at, at.date(), "test-load") for event_id, user, at in events
+        ]
+        with warehouse.connect(self.path) as connection:
+            connection.executemany("insert into raw.events values (?, ?, ?, ?, ?, ?)", rows)
+
+    def execute(self, sql: str, parameters: list[Any] | None = None) -> list[tuple]:
+        with warehouse.connect(self.path) as connection:
+            return connection.execute(sql, parameters or []).fetchall()
+
+    def dbt(self, *args: str, dbt_vars: Mapping[str, Any] | None = None) -> None:
+        key = hashlib.sha256(format_vars(dbt_vars or {}).encode()).hexdigest()[:12]
+        target = self.dbt_dir / f"target-{key}"
+        run_dbt(
+            [*args, "--quiet", "--target-path", str(target), "--log-path", str(self.dbt_dir)],
+            dbt_vars=dbt_vars,
+            warehouse_path=self.path,
+        )
+
+    def build(self, dbt_vars: Mapping[str, Any] | None = None, *args: str) -> None:
+        self.dbt("build", *args, dbt_vars=dbt_vars)
+
+    def stats(self) -> Stats:
+        return self.execute(
+            "select event_date, user_id, event_count from analytics.event_stats "
+            "order by event_date, user_id"
+        )
+
+    def expected_stats(self) -> Stats:
+        """What analytics.event_stats must hold for every date: counted here in Python."""
+        rows = self.execute("select event_date, user_id from raw.events")
+        return sorted((day, user, count) for (day, user), count in Counter(rows).items())
+
+
+def stats_of(stats: Stats, *days: date) -> Stats:
+    return [row for row in stats if row[0] in days]
+
+
+def stats_outside(stats: Stats, *days: date) -> Stats:
+    return [row for row in stats if row[0] not in days]
+
+
+@pytest.fixture(scope="session")
+def dbt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("dbt")
+
+
+@pytest.fixture
+def wh(dbt_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Warehouse:
+    """An empty warehouse (raw.events and no stats table) at the session's warehouse path."""
+    path = dbt_dir / "warehouse.duckdb"
+    for stale in (path, path.with_name(path.name + ".wal")):
+        stale.unlink(missing_ok=True)
+    monkeypatch.setenv("WAREHOUSE_PATH", str(path))
+    with warehouse.connect(path) as connection:
+        warehouse.ensure_raw_schema(connection)
+    return Warehouse(path=path, dbt_dir=dbt_dir)
+
+
+D1, D2, D3, D4 = (date(2024, 3, day) for day in (1, 2, 3, 4))
+
+
+def day_events(day: date, counts: dict[str, int], prefix: str = "e") -> list:
+    """counts[user] events of each user on `day`, spread over the day (last one at 23:59:59)."""
+    start = datetime(day.year, day.month, day.day)
+    events = []
+    for user, count in counts.items():
+        for n in range(count):
+            at = start + timedelta(hours=(7 * n) % 24, seconds=n)
+            events.append((f"{prefix}-{day}-{user}-{n}", user, at))
+    events.append((f"{prefix}-{day}-late-night", "u1", start + timedelta(seconds=86399)))
+    return events
+
+
+def fill(wh: Warehouse) -> None:
+    """Three dates of raw events; D4 has none."""
+    wh.add_events(day_events(D1, {"u1": 3, "u2": 1}))
+    wh.add_events(day_events(D2, {"u1": 2, "u2": 4, "u3": 1}))
+    wh.add_events(day_events(D3, {"u2": 5}))
+
+
+def test_first_build_without_vars_counts_every_date(wh: Warehouse) -> None:
+    fill(wh)
+    wh.build()
+
+    assert wh.stats() == wh.expected_stats()
+    assert stats_of(wh.stats(), D1) == [(D1, "u1", 4), (D1, "u2", 1)]
+    columns = wh.execute(
+        "select column_name, data_type from information_schema.columns "
+        "where table_schema = 'analytics' and table_name = 'event_stats' order by ordinal_position"
+    )
+    assert columns == [("event_date", "DATE"), ("user_id", "VARCHAR"), ("event_count", "BIGINT")]
+
+
+def test_first_build_with_vars_creates_only_that_date(wh: Warehouse) -> None:
+    fill(wh)
+    wh.build(date_vars(D2))
+
+    assert wh.stats() == stats_of(wh.expected_stats(), D2)
+
+
+def test_rebuild_gives_identical_table(wh: Warehouse) -> None:
+    fill(wh)
+    wh.build(date_vars(D2))
+    wh.build()
+    first = wh.stats()
+
+    wh.build()
+    assert wh.stats() == first
+    wh.build(date_vars(D2))
+    assert wh.stats() == first
+
+
+def test_late_data_replaces_its_date_and_leaves_other_dates_untouched(wh: Warehouse) -> None:
+    fill(wh)
+    wh.build()
+    before = wh.stats()
+    # Late events for D2 (one more for u1, a new user), and raw changes on D1 and D3 that a
+    # build of D2 alone must not pick up.
+    wh.add_events(
+        [("late-1", "u1", datetime(2024, 3, 2, 12)), ("late-2", "u9", datetime(2024, 3, 2))]
+    )
+    wh.execute("delete from raw.events where event_date = ? and user_id = 'u2'", [D1])
+    wh.add_events(day_events(D3, {"u7": 2}, prefix="extra"))
+
+    wh.build(date_vars(D2))
+
+    after = wh.stats()
+    assert stats_of(after, D2) == stats_of(wh.expected_stats(), D2)
+    assert stats_of(after, D2) == [(D2, "u1", 4), (D2, "u2", 4), (D2, "u3", 1), (D2, "u9", 1)]
+    assert stats_outside(after, D2) == stats_outside(before, D2)
+
+
+def test_date_that_became_empty_loses_its_stats(wh: Warehouse) -> None:
+    fill(wh)
+    wh.build()
+    before = wh.stats()
+    wh.execute("delete from raw.events where event_date = ?", [D2])
+
+    wh.build(date_vars(D2))
+
+    after = wh.stats()
+    assert stats_of(after, D2) == []
+    assert stats_outside(after, D2) == stats_outside(before, D2)
+
+
+def test_range_build_replaces_exactly_start_to_end(wh: Warehouse) -> None:
+    fill(wh)
+    wh.add_events(day_events(D4, {"u1": 1}))
+    wh.build()
+    before = wh.stats()
+    # Change every date; only [D2, D4) may follow: D2 gains an event, D3 becomes empty.
+    wh.add_events([("new-d1", "u1", datetime(2024, 3, 1, 8))])
+    wh.add_events([("new-d2", "u3", datetime(2024, 3, 2, 8))])
+    wh.execute("delete from raw.events where event_date = ?", [D3])
+    wh.add_events([("new-d4", "u1", datetime(2024, 3, 4, 8))])
+
+    wh.build(date_vars(D2, D4))
+
+    after = wh.stats()
+    assert stats_of(after, D2, D3) == stats_of(wh.expected_stats(), D2, D3)
+    assert stats_of(after, D3) == []
+    assert stats_of(after, D2) != stats_of(before, D2)
+    assert stats_outside(after, D2, D3) == stats_outside(before, D2, D3)
+
+
+def test_build_without_vars_makes_the_whole_table_match_raw(wh: Warehouse) -> None:
+    fill(wh)
+    wh.build(date_vars(D1, D4))
+    # D1 vanishes from raw, D4 appears, D3 changes: a build without vars follows all of it.
+    wh.execute("delete from raw.events where event_date = ?", [D1])
+    wh.add_events(day_events(D4, {"u4": 2}))
+    wh.add_events([("new-d3", "u2", datetime(2024, 3, 3, 9))])
+
+    wh.build()
+
+    assert wh.stats() == wh.expected_stats()
+    assert {row[0] for row in wh.stats()} == {D2, D3, D4}
+
+
+def test_full_refresh_equals_incremental_builds(wh: Warehouse) -> None:
+    fill(wh)
+    wh.build(date_vars(D1))
+    wh.add_events(day_events(D4, {"u1": 1, "u5": 2}))
+    wh.execute("delete from raw.events where event_date = ? and user_id = 'u3'", [D2])
+    wh.build(date_vars(D2, D4 + timedelta(days=1)))
+    incremental = wh.stats()
+
+    wh.build(None, "--full-refresh")
+
+    assert wh.stats() == incremental == wh.expected_stats()
+
+
+def test_full_refresh_with_a_date_range_is_refused(wh: Warehouse) -> None:
+    fill(wh)
+    wh.build()
+    before = wh.stats()
+
+    with pytest.raises(DbtRunError, match="--full-refresh rebuilds every date"):
+        wh.build(date_vars(D2), "--full-refresh")
+    assert wh.stats() == before
+
+
+def test_duplicate_raw_event_fails_the_build_before_the_stats_change(wh: Warehouse) -> None:
+    fill(wh)
+    wh.build()
+    before = wh.stats()
+    duplicate = wh.execute("select * from raw.events where event_date = ? limit 1", [D2])[0]
+    wh.execute("insert into raw.events values (?, ?, ?, ?, ?, ?)", list(duplicate))
+
+    with pytest.raises(DbtRunError, match="source_unique_events_events_event_id"):
+        wh.build(date_vars(D2))
+    assert wh.stats() == before
+
+
+def test_reconciliation_fails_on_tampered_stats_of_a_processed_date(wh: Warehouse) -> None:
+    fill(wh)
+    wh.build()
+    wh.execute(
+        "update analytics.event_stats set event_count = event_count + 1 where event_date = ?", [D3]
+    )
+
+    # A date outside the processed range is not checked ...
+    wh.dbt("test", "--select", "assert_event_stats_reconcile_with_raw", dbt_vars=date_vars(D2))
+    # ... a processed one is, and its mismatch fails dbt.
+    with pytest.raises(DbtRunError, match="assert_event_stats_reconcile_with_raw"):
+        wh.dbt("test", "--select", "assert_event_stats_reconcile_with_raw", dbt_vars=date_vars(D3))
+    with pytest.raises(DbtRunError, match="assert_event_stats_reconcile_with_raw"):
+        wh.dbt("test", "--select", "assert_event_stats_reconcile_with_raw")
+
+
+def test_stale_stats_of_an_empty_date_fail_reconciliation(wh: Warehouse) -> None:
+    """The reconciliation test catches exactly what dbt-duckdb's own delete+insert leaves behind."""
+    fill(wh)
+    wh.build()
+    wh.execute("delete from raw.events where event_date = ?", [D2])
+
+    with pytest.raises(DbtRunError, match="assert_event_stats_reconcile_with_raw"):
+        wh.dbt("test", "--select", "assert_event_stats_reconcile_with_raw", dbt_vars=date_vars(D2))
+
+
+def test_end_date_not_after_start_date_is_refused(wh: Warehouse) -> None:
+    fill(wh)
+    with pytest.raises(DbtRunError, match="must be after start_date"):
+        wh.build({"start_date": D2.isoformat(), "end_date": D2.isoformat()})
