@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import email
 import email.policy
-from collections.abc import Iterator
 from datetime import date
 from email.message import EmailMessage
 from pathlib import Path
 
 import duckdb
 import pytest
-from aiosmtpd.controller import Controller
-from conftest import free_port
+from smtp_fixtures import smtp_server_fixture  # noqa: F401 (the smtp_server fixture)
 
 from event_pipeline import report
-from event_pipeline.report import SmtpSettings, send_stats
+from event_pipeline.report import send_stats
 
 DAY = date(2026, 1, 5)
 
@@ -45,38 +43,6 @@ def bodies(message: EmailMessage) -> tuple[str, str]:
     text = message.get_body(("plain",)).get_content()
     body_html = message.get_body(("html",)).get_content()
     return text, body_html
-
-
-class Recorder:
-    """aiosmtpd handler that keeps every accepted message, or rejects recipients when told."""
-
-    def __init__(self) -> None:
-        self.messages: list[EmailMessage] = []
-        self.reject = False
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
-        if self.reject:
-            return "550 5.1.1 mailbox unavailable (test server rejects)"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802
-        self.messages.append(
-            email.message_from_bytes(envelope.content, policy=email.policy.default)
-        )
-        return "250 Message accepted"
-
-
-@pytest.fixture
-def smtp_server() -> Iterator[tuple[Recorder, SmtpSettings]]:
-    recorder = Recorder()
-    port = free_port()
-    controller = Controller(recorder, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield recorder, SmtpSettings(host="127.0.0.1", port=port, timeout=10)
-    finally:
-        controller.stop()
 
 
 @pytest.fixture
