@@ -13,6 +13,10 @@ from pathlib import Path
 def _serve_events(args: argparse.Namespace) -> int:
     from event_pipeline.events.server import ServerConfig, serve
 
+    if args.data_dir is not None and args.events_per_day is not None:
+        raise SystemExit(
+            "serve-events: --events-per-day is for generated mode; drop it or --data-dir"
+        )
     config = ServerConfig(
         data_dir=args.data_dir,
         events_per_day=args.events_per_day,

@@ -167,15 +167,18 @@ def test_bad_parameters_get_a_400_that_says_why(generated):
         assert message in response.json()["detail"], query
 
 
-def test_negative_options_are_refused_by_the_command_line():
-    result = subprocess.run(
-        [sys.executable, "-m", "event_pipeline.cli", "serve-events", "--fail-first", "-1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert "--fail-first" in result.stderr and "must be >= 0" in result.stderr
+def serve_events_cli(*options: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "event_pipeline.cli", "serve-events", *options]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def test_the_command_line_refuses_bad_options(tmp_path):
+    negative = serve_events_cli("--fail-first", "-1")
+    assert negative.returncode == 2
+    assert "--fail-first" in negative.stderr and "must be >= 0" in negative.stderr
+    both_modes = serve_events_cli("--data-dir", str(tmp_path), "--events-per-day", "5")
+    assert both_modes.returncode != 0
+    assert "--events-per-day is for generated mode" in both_modes.stderr
 
 
 # --- the book's record format -------------------------------------------------------------------

@@ -122,7 +122,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             await asyncio.sleep(config.delay)
         if number <= config.fail_first:
             return JSONResponse(
-                {"detail": f"simulated outage: request {number} of the first {config.fail_first}"},
+                {
+                    "detail": f"simulated outage (--fail-first {config.fail_first}): "
+                    f"request {number} of {config.fail_first}"
+                },
                 status_code=503,
                 headers={"Retry-After": "0"},
             )
