@@ -141,6 +141,7 @@ def _replace_partition(
     changed = checksum != stored_checksum
     load_id = f"{run_id}/{event_date.isoformat()}/{uuid.uuid4().hex[:12]}"
     loaded_at = datetime.now(UTC).replace(tzinfo=None)
+    log.debug("%s: replacing the partition (%d rows) in one transaction", event_date, rows)
     connection.execute("begin transaction")
     try:
         if changed:
@@ -159,6 +160,7 @@ def _replace_partition(
             + [url, loaded_at],
         )
         connection.execute("commit")
+        log.debug("%s: committed", event_date)
     except BaseException:
         connection.execute("rollback")
         raise

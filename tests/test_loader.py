@@ -1,0 +1,525 @@
+"""The loader against the real events API (serve-events) and a real DuckDB file.
+
+A few tests need a source that misbehaves in ways our events API never does (events outside the
+requested window, broken JSON, invalid records). For those, Python's own static file server
+serves a fixed file named `events`; it ignores the query string, like a careless API would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import UTC, date, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port, stop_process, wait_for_http
+
+from event_pipeline import warehouse as wh
+from event_pipeline.loader import load_range, partition_checksum
+from event_pipeline.sources import EventSourceError
+
+D = date(2019, 1, 1)
+D1 = D + timedelta(days=1)
+EVENT_COLUMNS = "event_id, user_id, event_type, event_at, event_date, load_id"
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTS_API_ATTEMPTS", "3")
+    monkeypatch.setenv("EVENTS_API_BACKOFF", "0.05")
+    monkeypatch.setenv("EVENTS_API_TIMEOUT", "10")
+
+
+@pytest.fixture
+def static_source(tmp_path: Path):
+    """Serve a fixed body for every GET /events...: returns (write_body, base_url)."""
+    root = tmp_path / "static"
+    root.mkdir()
+    (root / "events").write_text("[]")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/events", process)
+
+        def write(body: str | list) -> None:
+            text = body if isinstance(body, str) else json.dumps(body)
+            (root / "events").write_text(text)
+
+        yield write, url
+    finally:
+        stop_process(process)
+
+
+def event(event_id: str, at: str, user: str = "10.0.0.1", kind: str = "click") -> dict:
+    return {"event_id": event_id, "user": user, "timestamp": at, "event_type": kind}
+
+
+def write_replay(directory: Path, records: list[dict], name: str = "events.json") -> None:
+    directory.mkdir(exist_ok=True)
+    for old in directory.glob("*.json"):
+        old.unlink()
+    (directory / name).write_text(json.dumps(records))
+
+
+def stored(path: Path, day: date | None = None) -> list[tuple]:
+    where = "where event_date = ?" if day else ""
+    with wh.connect(path, read_only=True) as connection:
+        return connection.execute(
+            f"select {EVENT_COLUMNS} from raw.events {where} order by event_id",
+            [day] if day else [],
+        ).fetchall()
+
+
+def ledger(path: Path) -> list[dict]:
+    with wh.connect(path, read_only=True) as connection:
+        cursor = connection.execute("select * from raw.load_log order by loaded_at")
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def api_records(url: str, start: date, end: date) -> list[dict]:
+    response = httpx.get(f"{url}/events", params={"start_date": start, "end_date": end})
+    response.raise_for_status()
+    return response.json()
+
+
+# --- idempotent, exact ---------------------------------------------------------------------
+
+
+def test_reload_of_an_unchanged_source_leaves_raw_events_identical(events_api, warehouse):
+    url = events_api()
+    first = load_range(D, D + timedelta(days=3), api_url=url, warehouse_path=warehouse)
+    before = stored(warehouse)
+    expected_ids = sorted(r["event_id"] for r in api_records(url, D, D + timedelta(days=3)))
+    assert [row[0] for row in before] == expected_ids
+    assert [r.changed for r in first] == [True, True, True]
+    assert all(row[4] == row[3].date() for row in before)  # event_date = UTC date of event_at
+
+    second = load_range(D, D + timedelta(days=3), api_url=url, warehouse_path=warehouse)
+    assert stored(warehouse) == before  # same rows, values and load_ids: nothing rewritten
+    assert [r.changed for r in second] == [False, False, False]
+    assert [r.checksum for r in second] == [r.checksum for r in first]
+    log = ledger(warehouse)
+    assert len(log) == 6
+    assert [row["changed"] for row in log[3:]] == [False, False, False]
+    assert all(row["rows"] > 0 and row["source_url"].startswith(url) for row in log)
+
+
+def test_changed_source_is_reflected_exactly(events_api, warehouse, tmp_path):
+    data = tmp_path / "replay"
+    write_replay(
+        data,
+        [
+            event("a", "2019-01-01T08:00:00+00:00"),
+            event("b", "2019-01-01T09:00:00+00:00"),
+            event("c", "2019-01-01T23:30:00-05:00"),  # 04:30 UTC on Jan 2: the next partition
+            event("d", "2019-01-02T10:00:00+00:00"),
+        ],
+    )
+    url = events_api(data_dir=data)
+    load_range(D, D + timedelta(days=2), api_url=url, warehouse_path=warehouse)
+    assert [row[0] for row in stored(warehouse, D)] == ["a", "b"]
+    assert [row[0] for row in stored(warehouse, D1)] == ["c", "d"]
+    day_two = stored(warehouse, D1)
+
+    # b deleted, a changed, e arrives late; Jan 2 is not reloaded and must not move.
+    write_replay(
+        data,
+        [
+            event("a", "2019-01-01T08:00:00+00:00", user="10.0.0.9"),
+            event("e", "2019-01-01T12:00:00+01:00"),
+            event("c", "2019-01-01T23:30:00-05:00"),
+            event("d", "2019-01-02T10:00:00+00:00"),
+        ],
+    )
+    (result,) = load_range(D, api_url=url, warehouse_path=warehouse)
+    rows = stored(warehouse, D)
+    assert [(r[0], r[1], r[3]) for r in rows] == [
+        ("a", "10.0.0.9", datetime(2019, 1, 1, 8)),
+        ("e", "10.0.0.1", datetime(2019, 1, 1, 11)),
+    ]
+    assert {r[5] for r in rows} == {result.load_id}
+    assert result.changed and result.rows == 2
+    assert stored(warehouse, D1) == day_two
+
+    # The source now has nothing for Jan 1: the partition becomes empty, the ledger says so.
+    write_replay(
+        data,
+        [event("c", "2019-01-01T23:30:00-05:00"), event("d", "2019-01-02T10:00:00+00:00")],
+    )
+    (result,) = load_range(D, api_url=url, warehouse_path=warehouse)
+    assert stored(warehouse, D) == []
+    assert (result.rows, result.changed) == (0, True)
+    assert ledger(warehouse)[-1]["rows"] == 0
+    (again,) = load_range(D, api_url=url, warehouse_path=warehouse)
+    assert (again.rows, again.changed) == (0, False)
+
+
+def test_same_event_id_twice_is_stored_once(events_api, warehouse, tmp_path):
+    data = tmp_path / "replay"
+    write_replay(
+        data,
+        [
+            event("x", "2019-01-01T08:00:00Z"),
+            event("x", "2019-01-01T08:00:00Z"),
+            event("y", "2019-01-01T09:00:00Z"),
+        ],
+    )
+    (result,) = load_range(D, api_url=events_api(data_dir=data), warehouse_path=warehouse)
+    assert [row[0] for row in stored(warehouse)] == ["x", "y"]
+    assert (result.rows, result.duplicates) == (2, 1)
+    assert ledger(warehouse)[-1]["duplicates"] == 1
+
+
+def test_event_redated_to_another_stored_date_is_refused(events_api, warehouse, tmp_path):
+    data = tmp_path / "replay"
+    write_replay(data, [event("m", "2019-01-01T08:00:00Z")])
+    url = events_api(data_dir=data)
+    load_range(D, api_url=url, warehouse_path=warehouse)
+    write_replay(data, [event("m", "2019-01-02T08:00:00Z")])  # the source corrected its date
+    with pytest.raises(EventSourceError, match=r"2019-01-02.*m \(stored under 2019-01-01\)"):
+        load_range(D1, api_url=url, warehouse_path=warehouse)
+    assert stored(warehouse, D1) == []
+    # Loading the range in order moves it: Jan 1 drops it, then Jan 2 takes it.
+    load_range(D, D + timedelta(days=2), api_url=url, warehouse_path=warehouse)
+    assert [(row[0], row[4]) for row in stored(warehouse)] == [("m", D1)]
+
+
+def test_events_outside_the_window_are_counted_not_written(
+    events_api, static_source, warehouse, tmp_path, caplog
+):
+    data = tmp_path / "replay"
+    write_replay(data, [event("next-day", "2019-01-02T10:00:00Z")])
+    load_range(D1, api_url=events_api(data_dir=data), warehouse_path=warehouse)
+    day_two = stored(warehouse, D1)
+
+    write, url = static_source
+    write(
+        [
+            event("in", "2019-01-01T10:00:00Z"),
+            event("late", "2019-01-02T00:00:00Z"),
+            event("early", "2018-12-31T23:59:59.999+00:00"),
+            event("early2", "2019-01-01T00:30:00+01:00"),
+        ]
+    )
+    with caplog.at_level(logging.WARNING):
+        (result,) = load_range(D, api_url=url, warehouse_path=warehouse)
+    assert [row[0] for row in stored(warehouse, D)] == ["in"]
+    assert stored(warehouse, D1) == day_two
+    assert stored(warehouse, date(2018, 12, 31)) == []
+    assert result.out_of_window == 3
+    assert ledger(warehouse)[-1]["out_of_window"] == 3
+    assert "2018-12-31: 2, 2019-01-02: 1" in caplog.text
+
+
+# --- the book's record shape -----------------------------------------------------------------
+
+
+def book_groupby_size(records: list[dict]) -> Counter:
+    """The book's events.groupby(['date', 'user']).size(), with 'date' as the UTC day."""
+    return Counter(
+        (parsedate_to_datetime(r["date"]).astimezone(UTC).date(), r["user"]) for r in records
+    )
+
+
+def stored_counts(path: Path) -> Counter:
+    with wh.connect(path, read_only=True) as connection:
+        rows = connection.execute(
+            "select event_date, user_id, count(*) from raw.events group by all"
+        ).fetchall()
+    return Counter({(day, user): count for day, user, count in rows})
+
+
+def test_book_format_counts_equal_the_books_groupby(events_api, warehouse, tmp_path):
+    # Identical records (same user, same second) are separate events in the book.
+    data = tmp_path / "replay"
+    write_replay(
+        data,
+        [{"user": "192.168.0.1", "date": "Tue, 01 Jan 2019 00:00:00 GMT"}] * 3
+        + [{"user": "192.168.0.2", "date": "Tue, 01 Jan 2019 13:14:15 GMT"}]
+        + [{"user": "192.168.0.1", "date": "Wed, 02 Jan 2019 00:00:00 GMT"}] * 2,
+    )
+    url = events_api(data_dir=data, record_format="book")
+    end = D + timedelta(days=2)
+    first = load_range(D, end, api_url=url, warehouse_path=warehouse)
+    expected = book_groupby_size(api_records(url, D, end))
+    assert expected[(D, "192.168.0.1")] == 3
+    assert stored_counts(warehouse) == expected
+    before = stored(warehouse)
+    assert len({row[0] for row in before}) == 6
+
+    # Reloading synthesizes the same event_ids: nothing changes.
+    second = load_range(D, end, api_url=url, warehouse_path=warehouse)
+    assert stored(warehouse) == before
+    assert [r.changed for r in first] == [True, True]
+    assert [r.changed for r in second] == [False, False]
+
+    # One of the three identical records disappears at the source: exactly one row goes.
+    write_replay(
+        data,
+        [{"user": "192.168.0.1", "date": "Tue, 01 Jan 2019 00:00:00 GMT"}] * 2
+        + [{"user": "192.168.0.2", "date": "Tue, 01 Jan 2019 13:14:15 GMT"}],
+    )
+    load_range(D, api_url=url, warehouse_path=warehouse)
+    assert stored_counts(warehouse)[(D, "192.168.0.1")] == 2
+
+
+def test_generated_book_format_range(events_api, warehouse):
+    url = events_api(record_format="book", events_per_day=3000)
+    end = D + timedelta(days=3)
+    load_range(D, end, api_url=url, warehouse_path=warehouse)
+    expected = book_groupby_size(api_records(url, D, end))
+    assert sum(expected.values()) == 9000
+    assert stored_counts(warehouse) == expected
+
+
+def test_book_shape_with_iso_dates(static_source, warehouse):
+    write, url = static_source
+    write(
+        [
+            {"user": "u1", "date": "2019-01-01T10:00:00"},  # no offset: UTC
+            {"user": "u1", "date": "2019-01-01T10:00:00"},
+            {"user": "u2", "date": "2019-01-01T01:00:00+02:00"},  # 2018-12-31 23:00 UTC
+        ]
+    )
+    (result,) = load_range(D, api_url=url, warehouse_path=warehouse)
+    assert [(r[1], r[3]) for r in stored(warehouse)] == sorted(
+        [("u1", datetime(2019, 1, 1, 10)), ("u1", datetime(2019, 1, 1, 10))],
+    )
+    assert (result.rows, result.out_of_window) == (2, 1)
+
+
+# --- source failures: retry, then a clear error; nothing written -----------------------------
+
+
+@pytest.fixture
+def loaded_day(static_source, warehouse) -> list[tuple]:
+    """Jan 1 loaded, to check that failed loads leave it alone."""
+    write, url = static_source
+    write([event("old-1", "2019-01-01T03:00:00Z"), event("old-2", "2019-01-01T04:00:00Z")])
+    load_range(D, api_url=url, warehouse_path=warehouse)
+    write("[]")
+    return stored(warehouse)
+
+
+def test_retries_server_errors_then_succeeds(events_api, warehouse, caplog):
+    url = events_api(fail_first=2)
+    with caplog.at_level(logging.WARNING):
+        (result,) = load_range(D, api_url=url, warehouse_path=warehouse)
+    assert result.rows == len(api_records(url, D, D1))
+    assert caplog.text.count("HTTP 503") == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"fail_first": 10}, "HTTP 503"),
+        ({"truncate_after": 5000}, "RemoteProtocolError"),
+        ({"delay": 3}, "ReadTimeout"),
+    ],
+)
+def test_persistent_source_failure_names_date_and_url(
+    events_api, warehouse, loaded_day, monkeypatch, options, message
+):
+    monkeypatch.setenv("EVENTS_API_ATTEMPTS", "2")
+    monkeypatch.setenv("EVENTS_API_TIMEOUT", "0.5")
+    url = events_api(**options)
+    with pytest.raises(EventSourceError) as error:
+        load_range(D, api_url=url, warehouse_path=warehouse)
+    text = str(error.value)
+    assert "2019-01-01" in text and url in text and message in text and "2 attempts" in text
+    assert stored(warehouse) == loaded_day
+    assert len(ledger(warehouse)) == 1
+
+
+def test_connection_refused_is_retried_then_reported(warehouse, caplog):
+    url = f"http://127.0.0.1:{free_port()}"
+    with caplog.at_level(logging.WARNING), pytest.raises(EventSourceError, match="ConnectError"):
+        load_range(D, api_url=url, warehouse_path=warehouse)
+    assert caplog.text.count("retrying") == 2  # 3 attempts
+
+
+def test_client_error_fails_at_once(events_api, warehouse, loaded_day, monkeypatch):
+    monkeypatch.setenv("EVENTS_API_BACKOFF", "30")  # a retry would make this test time out
+    url = events_api() + "/no-such-prefix"
+    started = time.monotonic()
+    with pytest.raises(EventSourceError, match=r"HTTP 404 from http://.*2019-01-01"):
+        load_range(D, api_url=url, warehouse_path=warehouse)
+    assert time.monotonic() - started < 10
+    assert stored(warehouse) == loaded_day
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('[{"event_id": "a", "user": "u", "timestamp": "2019-01-01T00:00:00Z"', "not valid JSON"),
+        ("[1, 2]", "not valid JSON"),
+        ([{"event_id": "a", "timestamp": "2019-01-01T10:00:00Z"}], 'missing "user"'),
+        ([{"event_id": "a", "user": 7, "timestamp": "2019-01-01T10:00:00Z"}], "not a string"),
+        ([{"event_id": 1, "user": "u", "timestamp": "2019-01-01T10:00:00Z"}], '"event_id" is'),
+        ([{"event_id": "a", "user": "u"}], 'missing "timestamp"'),
+        ([{"event_id": "a", "user": "u", "timestamp": "yesterday"}], '"timestamp" is not ISO'),
+        ([{"user": "u", "date": "Tue, 32 Jan 2019 00:00:00 GMT"}], '"date" is not ISO'),
+    ],
+)
+def test_invalid_delivery_names_date_url_and_problem(
+    static_source, warehouse, loaded_day, body, message
+):
+    write, url = static_source
+    if isinstance(body, list):
+        body = body + [event("fine", "2019-01-01T11:00:00Z")]
+    write(body)
+    with pytest.raises(EventSourceError) as error:
+        load_range(D, api_url=url, warehouse_path=warehouse)
+    text = str(error.value)
+    assert "2019-01-01" in text and url in text and message in text
+    assert stored(warehouse) == loaded_day
+    assert len(ledger(warehouse)) == 1
+
+
+def test_accepts_ndjson_and_an_empty_body(static_source, warehouse):
+    write, url = static_source
+    write(
+        json.dumps(event("n1", "2019-01-01T01:00:00Z"))
+        + "\n"
+        + json.dumps(event("n2", "2019-01-01T02:00:00Z"))
+        + "\n"
+    )
+    (result,) = load_range(D, api_url=url, warehouse_path=warehouse)
+    assert result.rows == 2
+    write("")
+    (result,) = load_range(D, api_url=url, warehouse_path=warehouse)
+    assert (result.rows, result.changed) == (0, True)
+    assert stored(warehouse) == []
+
+
+# --- the writer lock ---------------------------------------------------------------------------
+
+
+def test_waits_for_another_writer_then_loads(static_source, warehouse):
+    from test_warehouse import hold_lock
+
+    write, url = static_source
+    write([event("a", "2019-01-01T01:00:00Z")])
+    holder = hold_lock(warehouse, 1.5)
+    try:
+        (result,) = load_range(D, api_url=url, warehouse_path=warehouse)
+        assert holder.poll() is not None
+        assert result.rows == len(stored(warehouse)) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_gives_up_on_a_held_lock_naming_the_holder(static_source, warehouse, monkeypatch):
+    from test_warehouse import hold_lock
+
+    monkeypatch.setenv("WAREHOUSE_LOCK_TIMEOUT", "1")
+    _, url = static_source
+    holder = hold_lock(warehouse, 60)
+    try:
+        with pytest.raises(wh.WarehouseLockedError, match=f"PID {holder.pid}"):
+            load_range(D, api_url=url, warehouse_path=warehouse)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# --- command line, progress, temp files --------------------------------------------------------
+
+
+def test_cli_loads_a_range_with_progress_and_fails_clearly(events_api, warehouse, tmp_path):
+    url = events_api()
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "-m", "event_pipeline.cli", "load", "--api-url", url]
+    command += ["--warehouse", str(warehouse), "--start", "2019-01-01"]
+    done = subprocess.run(
+        [*command, "--end", "2019-01-04"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[1/3] 2019-01-01" in done.stderr and "[3/3] 2019-01-03" in done.stderr
+    assert "loaded 3 date(s): 3 replaced, 0 unchanged" in done.stderr
+    assert not list(tmp_path.glob("event-stats-load-*"))  # the downloads were removed
+
+    failed = subprocess.run(
+        [*command, "--end", "2018-12-01"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert failed.returncode != 0 and "must be after start" in failed.stderr
+
+
+def test_temp_download_is_removed_on_failure(static_source, warehouse, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    write, url = static_source
+    write("[{")
+    with pytest.raises(EventSourceError):
+        load_range(D, api_url=url, warehouse_path=warehouse)
+    assert not list(tmp_path.glob("event-stats-load-*"))
+
+
+# --- SIGKILL in the middle of replacing a large partition --------------------------------------
+
+
+def test_sigkill_leaves_the_complete_old_or_complete_new_partition(events_api, warehouse):
+    old_url = events_api(events_per_day=300_000)
+    new_url = events_api(events_per_day=330_000)
+    load_range(D, api_url=old_url, warehouse_path=warehouse)
+    with wh.connect(warehouse, read_only=True) as connection:
+        old = partition_checksum(connection, D)
+    old_file = warehouse.with_name("old.duckdb")
+    shutil.copyfile(warehouse, old_file)  # closed and checkpointed: the file is the whole state
+
+    command = [sys.executable, "-m", "event_pipeline.cli", "load", "--start", "2019-01-01"]
+    command += ["--warehouse", str(warehouse), "--api-url", new_url]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    with wh.connect(warehouse, read_only=True) as connection:
+        new = partition_checksum(connection, D)
+    assert new != old and new[0] == 330_000
+
+    def restore_old() -> None:
+        Path(f"{warehouse}.wal").unlink(missing_ok=True)  # left by the killed writer
+        shutil.copyfile(old_file, warehouse)
+
+    # The loader logs (at debug level) just before BEGIN; kill at increasing delays after it.
+    outcomes = []
+    for delay in (0.0, 0.05, 0.15, 0.4):
+        restore_old()
+        process = subprocess.Popen(
+            [*command[:3], "-v", *command[3:]], stderr=subprocess.PIPE, text=True
+        )
+        for line in process.stderr:
+            if "replacing the partition" in line:
+                break
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+        with wh.connect(warehouse, read_only=True) as connection:
+            state = partition_checksum(connection, D)
+            (latest,) = connection.execute(
+                "select checksum from raw.load_log where event_date = ? "
+                "order by loaded_at desc limit 1",
+                [D],
+            ).fetchall()
+        assert state in (old, new), f"killed {delay} s into the transaction: mixed {state}"
+        assert latest[0] == state[1]  # the ledger row commits together with the partition
+        outcomes.append("new" if state == new else "old")
+    print(f"kills 0 to 0.4 s after BEGIN left: {outcomes}")
+    assert "old" in outcomes, outcomes  # at least one kill landed inside the transaction
