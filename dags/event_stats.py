@@ -1,0 +1,91 @@
+"""event_stats: each day's events, loaded into DuckDB, counted per user by dbt, then emailed.
+
+load_raw_events >> dbt (Cosmos task group: models and their tests) >> send_stats
+
+- The processed date D is the run's logical date (airflow_support.run_day): a scheduled run
+  covers the day that just ended (CronDataIntervalTimetable: logical date = start of the day),
+  `airflow dags test event_stats D` and `airflow backfill create` process D, and a rerun of a run
+  processes the same D again. dbt gets vars start_date=D and end_date=D+1.
+- Every task is atomic and idempotent: the load replaces partition D in one transaction, dbt
+  replaces D's stats in one transaction, and the email is sent once per (date, recipient,
+  content) through the ledger ops.email_log.
+- dbt tests are the quality gate: when one fails, send_stats does not run. send_stats only reads
+  the stats, so it can be retried alone without touching them.
+- Every task opens the DuckDB file, which allows one writer: all tasks run in the 1-slot pool
+  settings.WAREHOUSE_POOL (created by `event-stats run` / airflow_support.ensure_airflow).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from airflow.sdk import dag, task
+from airflow.timetables.interval import CronDataIntervalTimetable
+from cosmos import DbtTaskGroup
+
+from event_pipeline import dbt_config, settings
+from event_pipeline.airflow_support import run_day
+
+DBT_VARS = {
+    "start_date": "{{ run_day(dag_run) }}",
+    "end_date": "{{ run_day(dag_run, 1) }}",
+}
+
+
+@dag(
+    dag_id="event_stats",
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    catchup=False,  # past days run through `airflow backfill create` (or `event-stats run`)
+    max_active_runs=3,
+    default_args={
+        "owner": "event-stats",
+        "retries": 2,
+        "retry_delay": timedelta(minutes=1),
+        "pool": settings.WAREHOUSE_POOL,  # every task of this DAG opens the DuckDB file
+    },
+    user_defined_macros={"run_day": run_day},
+    tags=["event-stats", "duckdb", "dbt"],
+    doc_md=__doc__,
+)
+def event_stats() -> None:
+    @task(pool=settings.WAREHOUSE_POOL)
+    def load_raw_events(dag_run=None) -> dict:
+        """Replace raw.events partition D with the events API's answer for D."""
+        from datetime import date
+
+        from event_pipeline import loader
+
+        [result] = loader.load_range(date.fromisoformat(run_day(dag_run)), run_id=dag_run.run_id)
+        return {"event_date": result.event_date.isoformat(), "rows": result.rows}
+
+    dbt = DbtTaskGroup(
+        group_id="dbt",
+        project_config=dbt_config.project_config(),
+        profile_config=dbt_config.profile_config(),
+        execution_config=dbt_config.execution_config(),
+        render_config=dbt_config.render_config(
+            # The reconcile test reads stg_events__events and event_stats: its own task after
+            # both, not inside stg's test task (where event_stats is not yet rebuilt).
+            should_detach_multiple_parents_tests=True,
+            # Cosmos compares this path with shutil.which("dbt") as a string.
+            dbt_executable_path=str(dbt_config.dbt_executable()),
+        ),
+        operator_args={"vars": DBT_VARS, "pool": settings.WAREHOUSE_POOL},
+    )
+
+    @task(pool=settings.WAREHOUSE_POOL)
+    def send_stats(dag_run=None) -> list[dict]:
+        """Email D's stats once; by SMTP when the Airflow connection exists, else to the outbox."""
+        from datetime import date
+
+        from event_pipeline import report
+        from event_pipeline.airflow_support import smtp_settings
+
+        results = report.send_stats(date.fromisoformat(run_day(dag_run)), smtp=smtp_settings())
+        return [{"recipient": r.recipient, "status": r.status} for r in results]
+
+    load_raw_events() >> dbt >> send_stats()
+
+
+event_stats()
