@@ -165,7 +165,7 @@ def _replace_partition(
         connection.execute("rollback")
         raise
     finally:
-        connection.execute("drop table if exists staged; drop table if exists delivered")
+        connection.execute("drop table if exists staged")
     return LoadResult(
         event_date=event_date,
         rows=rows,
@@ -212,6 +212,7 @@ def load_range(
         raise ValueError(f"end ({end}) must be after start ({start}); the range is [start, end)")
     api_url = api_url or settings.events_api_url()
     run_id = run_id or f"manual-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    memory_limit = settings.loader_memory_limit().replace("'", "")
     dates = [start + timedelta(days=i) for i in range((end - start).days)]
     urls = [sources.window_url(api_url, day, day + timedelta(days=1)) for day in dates]
     results: list[LoadResult] = []
@@ -232,6 +233,7 @@ def load_range(
                     )
                 try:
                     with warehouse.connect(warehouse_path) as connection:
+                        connection.execute(f"set memory_limit = '{memory_limit}'")
                         warehouse.ensure_raw_schema(connection)
                         result = _replace_partition(connection, day, path, url, run_id)
                 finally:

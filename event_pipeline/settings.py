@@ -41,6 +41,11 @@ def events_api_backoff() -> float:
     return float(os.environ.get("EVENTS_API_BACKOFF", "1"))
 
 
+def loader_memory_limit() -> str:
+    """DuckDB memory_limit while loading; beyond it DuckDB spills to disk (e.g. 1GB, 500MB)."""
+    return os.environ.get("LOADER_MEMORY_LIMIT", "1GB")
+
+
 def email_to() -> list[str]:
     """Recipients of the daily stats email (comma-separated in $EMAIL_TO)."""
     raw = os.environ.get("EMAIL_TO", "stats@example.com")

@@ -197,6 +197,17 @@ qualify row_number() over (
 ) = 1
 """
 
+_STAGED_PLAIN_SQL = """
+create or replace temp table staged as
+select
+    event_id_text as event_id,
+    user_text as user_id,
+    event_type_text as event_type,
+    event_at,
+    event_at::date as event_date
+from delivered
+"""
+
 
 def stage_events(
     connection: duckdb.DuckDBPyConnection, path: Path, *, what: str, url: str
@@ -228,8 +239,14 @@ def stage_events(
             for problem, records, example in problems
         )
         raise EventSourceError(f"The {what} from {url} has invalid records: {details}")
-    connection.execute(_STAGED_SQL)
+    ((without_id, repeated),) = connection.execute(
+        "select count(*) filter (where event_id_text is null), "
+        "count(event_id_text) - count(distinct event_id_text) from delivered"
+    ).fetchall()
+    # The common case (every record has a distinct event_id) needs no window functions.
+    connection.execute(_STAGED_SQL if without_id or repeated else _STAGED_PLAIN_SQL)
     ((delivered, staged),) = connection.execute(
         "select (select count(*) from delivered), (select count(*) from staged)"
     ).fetchall()
+    connection.execute("drop table delivered")
     return delivered, delivered - staged
