@@ -302,3 +302,23 @@ def test_docs_generate_describes_every_column_of_every_model(wh: Warehouse) -> N
         assert built <= documented, (node["name"], built - documented)
     stats = catalog["nodes"]["model.event_stats.event_stats"]["metadata"]
     assert (stats["schema"], stats["name"]) == ("analytics", "event_stats")
+
+
+def test_failed_insert_rolls_back_the_delete(wh: Warehouse) -> None:
+    """Delete and insert are one transaction: when the insert fails, the old rows stay."""
+    fill(wh)
+    wh.build()
+    before = wh.stats()
+    # The same table with a constraint the next insert will break (at most 9 events a user).
+    wh.execute(
+        "create table analytics.event_stats_checked ("
+        " event_date date, user_id varchar, event_count bigint check (event_count < 10));"
+        "insert into analytics.event_stats_checked select * from analytics.event_stats;"
+        "drop table analytics.event_stats;"
+        "alter table analytics.event_stats_checked rename to event_stats"
+    )
+    wh.add_events(day_events(D2, {"u8": 12}, prefix="burst"))
+
+    with pytest.raises(DbtRunError, match="(?i)constraint"):
+        wh.build(date_vars(D2))
+    assert wh.stats() == before
