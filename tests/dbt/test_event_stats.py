@@ -322,3 +322,37 @@ def test_failed_insert_rolls_back_the_delete(wh: Warehouse) -> None:
     with pytest.raises(DbtRunError, match="(?i)constraint"):
         wh.build(date_vars(D2))
     assert wh.stats() == before
+
+
+def test_sample_events_give_the_stats_in_seeds_readme(
+    events_api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """seeds/sample_events replayed, loaded and built: the numbers seeds/README.md promises."""
+    from event_pipeline import loader, settings
+
+    path = tmp_path / "warehouse.duckdb"
+    monkeypatch.setenv("WAREHOUSE_PATH", str(path))
+    url = events_api(data_dir=settings.REPO_ROOT / "seeds" / "sample_events")
+    loader.load_range(date(2019, 1, 1), date(2019, 1, 5), api_url=url, warehouse_path=path)
+    run_dbt(
+        [
+            "build",
+            "--quiet",
+            "--target-path",
+            str(tmp_path / "target"),
+            "--log-path",
+            str(tmp_path),
+        ],
+        warehouse_path=path,
+    )
+
+    with warehouse.connect(path, read_only=True) as connection:
+        per_day = connection.execute(
+            "select event_date, sum(event_count), count(*) from analytics.event_stats "
+            "group by event_date order by event_date"
+        ).fetchall()
+    assert per_day == [
+        (date(2019, 1, 1), 40, 5),
+        (date(2019, 1, 2), 30, 5),
+        (date(2019, 1, 3), 21, 5),
+    ]
