@@ -55,6 +55,8 @@ def _load(args: argparse.Namespace) -> int:
     from event_pipeline.sources import EventSourceError
     from event_pipeline.warehouse import WarehouseLockedError
 
+    if not args.verbose:  # one progress line per date; not one httpx line per request too
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         results = load_range(
             args.start,
