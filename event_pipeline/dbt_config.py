@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -39,8 +40,16 @@ def dbt_env(warehouse_path: Path | None = None) -> dict[str, str]:
 
 
 def dbt_executable() -> Path:
-    """The dbt of the environment this package runs in (the project's venv)."""
-    return Path(sys.executable).parent / "dbt"
+    """The dbt of the environment this package runs in (the project's venv), else dbt on PATH."""
+    beside_python = Path(sys.executable).parent / "dbt"
+    if beside_python.exists():
+        return beside_python
+    on_path = shutil.which("dbt")
+    if on_path is None:
+        raise FileNotFoundError(
+            f"No dbt executable next to {sys.executable} or on PATH; run `uv sync` in the repo."
+        )
+    return Path(on_path)
 
 
 def format_vars(dbt_vars: Mapping[str, Any]) -> str:
@@ -62,18 +71,23 @@ def date_vars(start: date, end: date | None = None) -> dict[str, str]:
 # --- Cosmos -------------------------------------------------------------------------------
 
 
+def _cosmos() -> Any:
+    """The cosmos package. Airflow first: importing cosmos first makes Airflow's plugin loading
+    import cosmos again, half-initialised (ImportError on cosmos.constants)."""
+    import airflow  # noqa: F401
+    import cosmos
+
+    return cosmos
+
+
 def project_config() -> ProjectConfig:
     """The dbt project and its environment (used at DAG parse and at task run)."""
-    from cosmos import ProjectConfig
-
-    return ProjectConfig(dbt_project_path=settings.dbt_project_dir(), env_vars=dbt_env())
+    return _cosmos().ProjectConfig(dbt_project_path=settings.dbt_project_dir(), env_vars=dbt_env())
 
 
 def profile_config() -> ProfileConfig:
     """The repository's profiles.yml, the same file a person uses with --profiles-dir ."""
-    from cosmos import ProfileConfig
-
-    return ProfileConfig(
+    return _cosmos().ProfileConfig(
         profile_name=PROFILE_NAME,
         target_name=TARGET_NAME,
         profiles_yml_filepath=settings.dbt_profiles_dir() / "profiles.yml",
@@ -82,12 +96,10 @@ def profile_config() -> ProfileConfig:
 
 def execution_config() -> ExecutionConfig:
     """Run dbt in the task's process (dbtRunner) with the venv's dbt."""
-    from cosmos import ExecutionConfig
-    from cosmos.constants import InvocationMode
-
-    return ExecutionConfig(
+    cosmos = _cosmos()
+    return cosmos.ExecutionConfig(
         dbt_executable_path=str(dbt_executable()),
-        invocation_mode=InvocationMode.DBT_RUNNER,
+        invocation_mode=cosmos.InvocationMode.DBT_RUNNER,
     )
 
 
@@ -102,18 +114,16 @@ def render_config(**overrides: Any) -> RenderConfig:
     key checks, as Cosmos does not render source tests by default). Tests reading several models
     (the reconciliation) get their own task after all of them. `overrides` win.
     """
-    from cosmos import RenderConfig
-    from cosmos.constants import LoadMode, TestBehavior
-
+    cosmos = _cosmos()
     options: dict[str, Any] = {
-        "load_method": LoadMode.DBT_LS,
-        "test_behavior": TestBehavior.AFTER_EACH,
+        "load_method": cosmos.LoadMode.DBT_LS,
+        "test_behavior": cosmos.TestBehavior.AFTER_EACH,
         "should_detach_multiple_parents_tests": True,
         # A string: Cosmos compares it with shutil.which("dbt").
         "dbt_executable_path": str(dbt_executable()),
     }
     options.update(overrides)
-    return RenderConfig(**options)
+    return cosmos.RenderConfig(**options)
 
 
 # --- in-process dbt -----------------------------------------------------------------------

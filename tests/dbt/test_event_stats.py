@@ -356,3 +356,28 @@ def test_sample_events_give_the_stats_in_seeds_readme(
         (date(2019, 1, 2), 30, 5),
         (date(2019, 1, 3), 21, 5),
     ]
+
+
+def test_cosmos_configs_point_at_this_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+    from event_pipeline import dbt_config, settings
+
+    cosmos = dbt_config._cosmos()
+    InvocationMode, LoadMode = cosmos.InvocationMode, cosmos.LoadMode
+
+    monkeypatch.setenv("WAREHOUSE_PATH", "relative/warehouse.duckdb")
+    project = dbt_config.project_config()
+    profile = dbt_config.profile_config()
+    execution = dbt_config.execution_config()
+    render = dbt_config.render_config()
+
+    assert project.dbt_project_path == settings.REPO_ROOT / "dbt_project"
+    # Absolute, since Cosmos runs dbt from a temporary directory.
+    assert project.env_vars == {"WAREHOUSE_PATH": str(Path.cwd() / "relative/warehouse.duckdb")}
+    assert Path(profile.profiles_yml_filepath) == settings.REPO_ROOT / "profiles.yml"
+    assert (profile.profile_name, profile.target_name) == ("event_stats", "dev")
+    assert Path(execution.dbt_executable_path).is_file()
+    assert execution.invocation_mode == InvocationMode.DBT_RUNNER
+    assert render.load_method == LoadMode.DBT_LS
+    assert dbt_config.render_config(load_method=LoadMode.DBT_MANIFEST).load_method == (
+        LoadMode.DBT_MANIFEST
+    )
