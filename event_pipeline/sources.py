@@ -230,7 +230,8 @@ def stage_events(
         connection.execute(_PARSED_SQL, [str(path), fmt])
     except duckdb.Error as error:
         raise EventSourceError(
-            f"The {what} from {url} is not valid JSON (malformed or truncated): {error}"
+            f"The {what} from {url} could not be read as JSON event objects (malformed or "
+            f"truncated JSON, or not an array/NDJSON of objects): {error}"
         ) from error
     problems = connection.execute(_PROBLEM_SQL).fetchall()
     if problems:

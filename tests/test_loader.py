@@ -368,8 +368,11 @@ def test_client_error_fails_at_once(events_api, warehouse, loaded_day, monkeypat
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ('[{"event_id": "a", "user": "u", "timestamp": "2019-01-01T00:00:00Z"', "not valid JSON"),
-        ("[1, 2]", "not valid JSON"),
+        (
+            '[{"event_id": "a", "user": "u", "timestamp": "2019-01-01T00:00:00Z"',
+            "could not be read as JSON",
+        ),
+        ("[1, 2]", "could not be read as JSON"),
         ([{"event_id": "a", "timestamp": "2019-01-01T10:00:00Z"}], 'missing "user"'),
         ([{"event_id": "a", "user": 7, "timestamp": "2019-01-01T10:00:00Z"}], "not a string"),
         ([{"event_id": 1, "user": "u", "timestamp": "2019-01-01T10:00:00Z"}], '"event_id" is'),
