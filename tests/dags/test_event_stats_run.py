@@ -60,7 +60,7 @@ def test_a_failing_dbt_test_blocks_the_email(pipeline_env: PipelineEnv, dbt_proj
 
     states = task_states(run)
     assert str(run.state) == "failed"
-    assert states["dbt.event_stats.test"] == "failed", states
+    assert states["dbt.event_stats_model_build"] == "failed", states
     assert states["send_stats"] == "upstream_failed", states
     assert pipeline_env.emails() == []
     tables = pipeline_env.query(
