@@ -507,9 +507,13 @@ def test_sigkill_leaves_the_complete_old_or_complete_new_partition(events_api, w
         process = subprocess.Popen(
             [*command[:3], "-v", *command[3:]], stderr=subprocess.PIPE, text=True
         )
+        seen = ""
         for line in process.stderr:
+            seen += line
             if "replacing the partition" in line:
                 break
+        else:
+            pytest.fail(f"the loader ended before its transaction:\n{seen}")
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.wait()
