@@ -14,6 +14,7 @@ only one task at a time opens the DuckDB file. The tests also run the DAG under 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import TextIO
 
 import httpx
 
@@ -163,17 +165,42 @@ def _load_dag():
     return bag.get_dag("event_stats")
 
 
-def run_dates(days: list[date]) -> dict[date, str]:
+@contextmanager
+def output_to(log_file: Path) -> Iterator[TextIO]:
+    """Send this process's stdout and stderr (Airflow's and dbt's logs) to `log_file`.
+
+    Yields a stream to the original stdout, for the progress lines.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    console = os.fdopen(os.dup(saved[0]), "w", buffering=1)
+    with log_file.open("ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    try:
+        yield console
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        console.close()
+
+
+def run_dates(days: list[date], console: TextIO = sys.stdout) -> dict[date, str]:
     """Run the event_stats DAG once per date (sequentially, in this process); state per date."""
     dag = _load_dag()
     states: dict[date, str] = {}
     for day in days:
         logical_date = datetime(day.year, day.month, day.day, tzinfo=UTC)
         started = time.monotonic()
-        print(f"==> {day}: running DAG event_stats ...", flush=True)
+        print(f"  {day}: running the event_stats DAG ...", end="", file=console, flush=True)
         dag_run = dag.test(logical_date=logical_date)
         states[day] = str(getattr(dag_run.state, "value", dag_run.state))
-        print(f"==> {day}: {states[day]} in {time.monotonic() - started:.1f} s", flush=True)
+        print(f" {states[day]} ({time.monotonic() - started:.0f} s)", file=console, flush=True)
     return states
 
 
@@ -222,17 +249,18 @@ def run(start: date | None = None, end: date | None = None, port: int | None = N
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     began = time.monotonic()
     try:
-        print(f"Setting up Airflow in {settings.airflow_home()} ...", flush=True)
-        airflow_support.ensure_airflow()
-        log_dir = settings.warehouse_path().parent
-        log_dir.mkdir(parents=True, exist_ok=True)
-        with events_api(port, log_file=log_dir / "events-api.log") as url:
-            import os
-
-            os.environ["EVENTS_API_URL"] = url
-            with warehouse.connect() as connection:
-                sent_before = _ledger(connection)
-            states = run_dates(days)
+        data_dir = settings.warehouse_path().parent
+        data_dir.mkdir(parents=True, exist_ok=True)
+        log_file = data_dir / "run.log"
+        print(f"Setting up Airflow in {settings.airflow_home()} (log: {log_file}) ...", flush=True)
+        with output_to(log_file) as console:
+            airflow_support.ensure_airflow()
+            with events_api(port, log_file=data_dir / "events-api.log") as url:
+                os.environ["EVENTS_API_URL"] = url
+                print(f"Events API on {url}; dates {start} to {days[-1]}:", file=console)
+                with warehouse.connect() as connection:
+                    sent_before = _ledger(connection)
+                states = run_dates(days, console)
         summaries = summarize(days, states, sent_before)
     finally:
         signal.signal(signal.SIGTERM, previous)
