@@ -262,6 +262,9 @@ def run(start: date | None = None, end: date | None = None, port: int | None = N
                     sent_before = _ledger(connection)
                 states = run_dates(days, console)
         summaries = summarize(days, states, sent_before)
+    except KeyboardInterrupt:
+        print("\nInterrupted; the events API was stopped. `make run` again finishes the job.")
+        return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
     print_summary(summaries)
