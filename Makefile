@@ -6,7 +6,7 @@ PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 RUN := $(UV) run --locked
 
-.PHONY: env run test lint format ui clean
+.PHONY: env run test lint format ui bench clean
 
 env:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 \
@@ -31,6 +31,10 @@ format: env
 
 ui: env
 	$(RUN) event-stats airflow standalone
+
+# Speed and memory goals as ratios (about 1.5 min; not part of `make test`).
+bench: env
+	$(RUN) python benchmarks/bench.py
 
 clean:
 	rm -rf .airflow data dbt_project/target dbt_project/logs dbt_project/dbt_packages logs
