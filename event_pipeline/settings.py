@@ -104,6 +104,8 @@ def airflow_env() -> dict[str, str]:
         "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        # The UI and API of `event-stats airflow standalone` on loopback only (Airflow: 0.0.0.0).
+        "AIRFLOW__API__HOST": "127.0.0.1",
         "DO_NOT_TRACK": "1",
         "SCARF_ANALYTICS": "false",
     }
