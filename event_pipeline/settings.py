@@ -93,6 +93,7 @@ def airflow_env() -> dict[str, str]:
     Values already present in the environment win, so a deployment can override any of them.
     """
     home = airflow_home()
+    api_port = os.environ.get("AIRFLOW__API__PORT", "8080")
     defaults = {
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
@@ -104,8 +105,10 @@ def airflow_env() -> dict[str, str]:
         "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
-        # The UI and API of `event-stats airflow standalone` on loopback only (Airflow: 0.0.0.0).
+        # The UI and API of `event-stats airflow standalone` on loopback only (Airflow: 0.0.0.0),
+        # and task processes reach its execution API there, also on another AIRFLOW__API__PORT.
         "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
         "DO_NOT_TRACK": "1",
         "SCARF_ANALYTICS": "false",
     }
