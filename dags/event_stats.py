@@ -1,18 +1,21 @@
 """event_stats: each day's events, loaded into DuckDB, counted per user by dbt, then emailed.
 
-load_raw_events >> dbt (Cosmos task group: models and their tests) >> send_stats
+load_raw_events >> dbt (Cosmos task group: one `dbt build` task per node, the model then its
+tests) >> send_stats
 
 - The processed date D is the run's logical date (airflow_support.run_day): a scheduled run
   covers the day that just ended (CronDataIntervalTimetable: logical date = start of the day),
   `airflow dags test event_stats D` and `airflow backfill create` process D, and a rerun of a run
-  processes the same D again. dbt gets vars start_date=D and end_date=D+1.
+  processes the same D again; a manual run without a logical date processes its data interval
+  start (the last complete day). dbt gets vars start_date=D and end_date=D+1.
 - Every task is atomic and idempotent: the load replaces partition D in one transaction, dbt
   replaces D's stats in one transaction, and the email is sent once per (date, recipient,
   content) through the ledger ops.email_log.
 - dbt tests are the quality gate: when one fails, send_stats does not run. send_stats only reads
   the stats, so it can be retried alone without touching them.
 - Every task opens the DuckDB file, which allows one writer: all tasks run in the 1-slot pool
-  settings.WAREHOUSE_POOL (created by `event-stats run` / airflow_support.ensure_airflow).
+  settings.WAREHOUSE_POOL (default_args), created by airflow_support.ensure_airflow, which
+  `event-stats run` and `event-stats airflow ...` call first.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ DBT_VARS = {
     doc_md=__doc__,
 )
 def event_stats() -> None:
-    @task(pool=settings.WAREHOUSE_POOL)
+    @task
     def load_raw_events(dag_run=None) -> dict:
         """Replace raw.events partition D with the events API's answer for D."""
         from datetime import date
@@ -76,10 +79,10 @@ def event_stats() -> None:
             test_behavior=TestBehavior.BUILD,
             should_detach_multiple_parents_tests=False,
         ),
-        operator_args={"vars": DBT_VARS, "pool": settings.WAREHOUSE_POOL},
+        operator_args={"vars": DBT_VARS},
     )
 
-    @task(pool=settings.WAREHOUSE_POOL)
+    @task
     def send_stats(dag_run=None) -> list[dict]:
         """Email D's stats once; by SMTP when the Airflow connection exists, else to the outbox."""
         from datetime import date

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import os
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from event_pipeline import settings
-from event_pipeline.report import SmtpSettings
+
+if TYPE_CHECKING:
+    from event_pipeline.report import SmtpSettings
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ def smtp_settings(conn_id: str | None = None) -> SmtpSettings | None:
     """
     from airflow.exceptions import AirflowNotFoundException
     from airflow.sdk import BaseHook
+
+    from event_pipeline.report import SmtpSettings
 
     conn_id = conn_id or settings.smtp_conn_id()
     try:
