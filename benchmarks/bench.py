@@ -15,8 +15,6 @@ import json
 import operator
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import httpx
 import psutil
 
 from event_pipeline import sources, warehouse
 from event_pipeline.dbt_config import date_vars, run_dbt
+from event_pipeline.events import process as events_process
 from event_pipeline.loader import load_range
 
 DAY = date(2026, 1, 1)  # the date of the big day; the dbt data set starts here too
@@ -116,57 +114,17 @@ class Report:
 # --- processes and memory -------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _tail(log: Path, lines: int = 20) -> str:
     """The end of a subprocess's log, for an error message (the temp dir goes away)."""
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Stop a process this script started, by its PID: SIGTERM, then SIGKILL."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @contextmanager
 def events_api(events_per_day: int, log_dir: Path) -> Iterator[tuple[str, int]]:
     """The real events API in generated mode on a free localhost port: yields (url, pid)."""
-    port = _free_port()
-    argv = [sys.executable, "-m", "event_pipeline.cli", "serve-events", "--port", str(port)]
-    argv += ["--events-per-day", str(events_per_day)]
-    log = log_dir / f"events-api-{port}.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_for_health(url, process, log)
-        yield url, process.pid
-    finally:
-        _stop(process)
-
-
-def _wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the events API exited with {process.returncode}:\n{_tail(log)}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"the events API at {url} did not answer within {timeout} s")
+    options = {"events_per_day": events_per_day}
+    with events_process.running(options=options, log_file=log_dir / "events-api.log") as server:
+        yield server.url, server.process.pid
 
 
 class PeakRss:

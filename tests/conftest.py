@@ -5,10 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -18,6 +15,7 @@ import httpx
 import pytest
 
 from event_pipeline import settings
+from event_pipeline.events import process as events_process
 
 # Airflow reads its configuration at import: set it before any test imports airflow.
 # Tests never touch the repository's .airflow: a fresh Airflow home (SQLite) per test session.
@@ -28,17 +26,16 @@ os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_AIRFLOW_HOME /
 os.environ.update(settings.airflow_env())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+free_port = events_process.free_port
+stop_process = events_process.stop
 
 
-def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
+def wait_for_http(url: str, server: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Wait until `url` answers 200 (for servers other than the events API)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode} before serving")
+        if server.poll() is not None:
+            raise RuntimeError(f"{server.args} exited with {server.returncode} before serving")
         try:
             if httpx.get(url, timeout=1.0).status_code == 200:
                 return
@@ -48,39 +45,17 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 30.0) ->
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
-def stop_process(process: subprocess.Popen) -> None:
-    """Stop a process we started, by its PID: SIGTERM, then SIGKILL after a grace period."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 EventsApi = Callable[..., str]
 
 
 def _events_api_starter(log_dir: Path, started: list[subprocess.Popen]) -> EventsApi:
     def start(*, env: Mapping[str, str] | None = None, **options: object) -> str:
         port = free_port()
-        argv = [sys.executable, "-m", "event_pipeline.cli", "serve-events", "--port", str(port)]
-        for name, value in options.items():
-            flag = "--" + name.replace("_", "-")
-            if value is True:
-                argv.append(flag)
-            elif value is not None and value is not False:
-                argv += [flag, str(value)]
-        log_file = log_dir / f"events-api-{port}.log"
-        with log_file.open("wb") as log:
-            process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-            )
-        started.append(process)
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{url}/health", process)
-        return url
+        server = events_process.start(
+            port, options=options, env=env, log_file=log_dir / f"events-api-{port}.log"
+        )
+        started.append(server.process)
+        return server.url
 
     return start
 

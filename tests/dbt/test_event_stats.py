@@ -248,7 +248,8 @@ def test_duplicate_raw_event_fails_the_build_before_the_stats_change(wh: Warehou
     duplicate = wh.execute("select * from raw.events where event_date = ? limit 1", [D2])[0]
     wh.execute("insert into raw.events values (?, ?, ?, ?, ?, ?)", list(duplicate))
 
-    with pytest.raises(DbtRunError, match="source_unique_in_processed_dates_events_events_event_id"):
+    duplicate_test = "source_unique_in_processed_dates_events_events_event_id"
+    with pytest.raises(DbtRunError, match=duplicate_test):
         wh.build(date_vars(D2))
     assert wh.stats() == before
 
