@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -27,8 +29,9 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
+import httpx
+
 from event_pipeline import airflow_support, settings, warehouse
-from event_pipeline.events import process as events_process
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,60 @@ class DaySummary:
     raw_rows: int | None
     stats_rows: int | None
     email: str
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def events_api(port: int | None = None, log_file: Path | None = None) -> Iterator[str]:
+    """Start `event-stats serve-events` on localhost; yield its URL; stop it by PID afterwards."""
+    if port is None:
+        port = 5000 if _port_is_free(5000) else _free_port()
+    argv = [sys.executable, "-m", "event_pipeline.cli", "serve-events", "--port", str(port)]
+    output = log_file.open("ab") if log_file else subprocess.DEVNULL
+    process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"The events API exited with {process.returncode} before serving on {url}"
+                    + (f"; see {log_file}" if log_file else "")
+                )
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"The events API did not answer on {url} within 30 s")
+            time.sleep(0.1)
+        log.info("Events API (PID %s) serving on %s", process.pid, url)
+        yield url
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if log_file:
+            output.close()
 
 
 def _table_count(connection, sql: str, day: date) -> int | None:
@@ -200,10 +257,8 @@ def run(start: date | None = None, end: date | None = None, port: int | None = N
         print(f"Setting up Airflow in {settings.airflow_home()} (log: {log_file}) ...", flush=True)
         with output_to(log_file) as console:
             airflow_support.ensure_airflow()
-            if port is None and events_process.port_is_free(5000):
-                port = 5000  # the default EVENTS_API_URL, so the URL in the logs is familiar
-            with events_process.running(port, log_file=data_dir / "events-api.log") as server:
-                url = os.environ["EVENTS_API_URL"] = server.url
+            with events_api(port, log_file=data_dir / "events-api.log") as url:
+                os.environ["EVENTS_API_URL"] = url
                 print(f"Events API on {url}; dates {start} to {days[-1]}:", file=console)
                 with warehouse.connect() as connection:
                     sent_before = _ledger(connection)
