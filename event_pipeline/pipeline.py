@@ -18,8 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -29,9 +27,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
-import httpx
-
 from event_pipeline import airflow_support, settings, warehouse
+from event_pipeline.events import process as events_process
 
 log = logging.getLogger(__name__)
 
@@ -49,58 +46,14 @@ class DaySummary:
     email: str
 
 
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def events_api(port: int | None = None, log_file: Path | None = None) -> Iterator[str]:
-    """Start `event-stats serve-events` on localhost; yield its URL; stop it by PID afterwards."""
+    """Start the events API on localhost (port 5000 when free); yield its URL; stop it by PID."""
     if port is None:
-        port = 5000 if _port_is_free(5000) else _free_port()
-    argv = [sys.executable, "-m", "event_pipeline.cli", "serve-events", "--port", str(port)]
-    output = log_file.open("ab") if log_file else subprocess.DEVNULL
-    process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"The events API exited with {process.returncode} before serving on {url}"
-                    + (f"; see {log_file}" if log_file else "")
-                )
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"The events API did not answer on {url} within 30 s")
-            time.sleep(0.1)
-        log.info("Events API (PID %s) serving on %s", process.pid, url)
-        yield url
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if log_file:
-            output.close()
+        port = 5000 if events_process.port_is_free(5000) else events_process.free_port()
+    with events_process.running(port, log_file=log_file) as server:
+        log.info("Events API (PID %s) serving on %s", server.process.pid, server.url)
+        yield server.url
 
 
 def _table_count(connection, sql: str, day: date) -> int | None:

@@ -93,6 +93,16 @@ def start(
         if log_file:
             output.close()
     server = EventsServer(f"http://127.0.0.1:{port}", process)
+    try:
+        _wait_until_serving(server, log_file, timeout)
+    except BaseException:  # also Ctrl-C while waiting: never leave the server behind
+        stop(process)
+        raise
+    return server
+
+
+def _wait_until_serving(server: EventsServer, log_file: Path | None, timeout: float) -> None:
+    process = server.process
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
@@ -102,11 +112,10 @@ def start(
             )
         try:
             if httpx.get(f"{server.url}/health", timeout=1.0).status_code == 200:
-                return server
+                return
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            stop(process)
             raise TimeoutError(f"The events API did not answer on {server.url} within {timeout} s")
         time.sleep(0.1)
 
