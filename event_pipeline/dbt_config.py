@@ -119,8 +119,8 @@ def render_config(**overrides: Any) -> RenderConfig:
         "load_method": cosmos.LoadMode.DBT_LS,
         "test_behavior": cosmos.TestBehavior.AFTER_EACH,
         "should_detach_multiple_parents_tests": True,
-        # A string: Cosmos compares it with shutil.which("dbt").
-        "dbt_executable_path": str(dbt_executable()),
+        # No dbt_executable_path: `dbt ls` runs in-process (dbtRunner), and Cosmos refuses a
+        # path other than shutil.which("dbt"), which differs when the venv is not on PATH.
     }
     options.update(overrides)
     return cosmos.RenderConfig(**options)
