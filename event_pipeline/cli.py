@@ -107,7 +107,9 @@ def _airflow(args: argparse.Namespace) -> int:
     os.environ.update(settings.airflow_env())
     if args.airflow_args and args.airflow_args[0] not in _AIRFLOW_NO_SETUP:
         airflow_support.ensure_airflow()  # metadata database and the warehouse pool
-    os.execvp("airflow", ["airflow", *args.airflow_args])
+    beside_python = Path(sys.executable).with_name("airflow")  # this venv's, even if not on PATH
+    executable = str(beside_python) if beside_python.exists() else "airflow"
+    os.execvp(executable, ["airflow", *args.airflow_args])
 
 
 def build_parser() -> argparse.ArgumentParser:
