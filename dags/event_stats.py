@@ -13,6 +13,9 @@ tests) >> send_stats
   content) through the ledger ops.email_log.
 - dbt tests are the quality gate: when one fails, send_stats does not run. send_stats only reads
   the stats, so it can be retried alone without touching them.
+- The dbt task group is rendered from a manifest.json (dbt_config.dbt_manifest) that `dbt parse`
+  remakes only when a file of dbt_project/ changed: importing this file runs no dbt otherwise,
+  opens no warehouse and needs no Airflow metadata database.
 - Every task opens the DuckDB file, which allows one writer: all tasks run in the 1-slot pool
   settings.WAREHOUSE_POOL (default_args), created by airflow_support.ensure_airflow, which
   `event-stats run` and `event-stats airflow ...` call first.

@@ -1,5 +1,8 @@
 """How the pipeline runs dbt: the Cosmos configs of the DAG, and `run_dbt` for in-process runs.
 
+The DAG renders its dbt task group from a manifest.json (`dbt_manifest`), made by `dbt parse` only
+when the files of dbt_project/ changed, so parsing the DAG needs no Airflow metadata database.
+
 Both give dbt the warehouse as an absolute path (`dbt_env`): profiles.yml reads WAREHOUSE_PATH,
 and its relative default (data/warehouse.duckdb) would point elsewhere when Cosmos runs dbt from
 a temporary copy of the project.
@@ -9,13 +12,17 @@ Cosmos is imported inside the functions that need it, so `run_dbt` costs no Airf
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import sys
+import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import date
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +34,11 @@ if TYPE_CHECKING:
 
 PROFILE_NAME = "event_stats"
 TARGET_NAME = "dev"
+# dbt_manifest's cache, inside the project's (git-ignored) target/: <key>/manifest.json.
+MANIFEST_CACHE = Path("target") / "cosmos-manifest"
+MANIFESTS_KEPT = 3
+# Not part of the project's content: dbt output and installed packages.
+_NOT_HASHED = {"target", "logs", "dbt_packages"}
 
 
 class DbtRunError(RuntimeError):
@@ -81,8 +93,13 @@ def _cosmos() -> Any:
 
 
 def project_config() -> ProjectConfig:
-    """The dbt project and its environment (used at DAG parse and at task run)."""
-    return _cosmos().ProjectConfig(dbt_project_path=settings.dbt_project_dir(), env_vars=dbt_env())
+    """The dbt project, its manifest (dbt_manifest: may run `dbt parse`) and its environment
+    (used at DAG parse and at task run)."""
+    return _cosmos().ProjectConfig(
+        dbt_project_path=settings.dbt_project_dir(),
+        manifest_path=dbt_manifest(),
+        env_vars=dbt_env(),
+    )
 
 
 def profile_config() -> ProfileConfig:
@@ -106,24 +123,99 @@ def execution_config() -> ExecutionConfig:
 def render_config(**overrides: Any) -> RenderConfig:
     """How Cosmos turns the project into tasks at DAG parse.
 
-    LoadMode.DBT_LS runs `dbt ls` once and keeps its output in an Airflow Variable (Cosmos's
-    dbt ls cache, on by default); later parses reuse it until a file of dbt_project/ changes.
-    It needs no manifest in the repository and does not open the warehouse (measured: 9 s on a
-    cache miss, under 1 s on a hit). TestBehavior.AFTER_EACH runs each model's tests right after
+    LoadMode.DBT_MANIFEST reads project_config()'s manifest: no dbt run and no Airflow metadata
+    database at parse (LoadMode.DBT_LS keeps its cache in an Airflow Variable, so a DAG import
+    without the database failed). TestBehavior.AFTER_EACH runs each model's tests right after
     it, so a failing test stops everything downstream (stg_events__events repeats the raw.events
     key checks, as Cosmos does not render source tests by default). Tests reading several models
     (the reconciliation) get their own task after all of them. `overrides` win.
     """
     cosmos = _cosmos()
     options: dict[str, Any] = {
-        "load_method": cosmos.LoadMode.DBT_LS,
+        "load_method": cosmos.LoadMode.DBT_MANIFEST,
         "test_behavior": cosmos.TestBehavior.AFTER_EACH,
         "should_detach_multiple_parents_tests": True,
-        # No dbt_executable_path: `dbt ls` runs in-process (dbtRunner), and Cosmos refuses a
-        # path other than shutil.which("dbt"), which differs when the venv is not on PATH.
     }
     options.update(overrides)
     return cosmos.RenderConfig(**options)
+
+
+# --- the manifest of the DAG --------------------------------------------------------------
+
+
+def project_hash(project_dir: Path | None = None) -> str:
+    """A digest of what `dbt parse` reads: the project's files (symlinks followed, without
+    target/, logs/, dbt_packages/ and hidden files), profiles.yml and the dbt-core version."""
+    project = project_dir or settings.dbt_project_dir()
+    digest = hashlib.sha256(f"dbt-core {version('dbt-core')}\0".encode())
+    digest.update((settings.dbt_profiles_dir() / "profiles.yml").read_bytes())
+    files = []
+    for folder, subfolders, names in os.walk(project, followlinks=True):
+        top = Path(folder) == project
+        subfolders[:] = [
+            d for d in subfolders if not d.startswith(".") and not (top and d in _NOT_HASHED)
+        ]
+        files += [Path(folder, name) for name in names if not name.startswith(".")]
+    for path in sorted(files):
+        digest.update(f"\0{path.relative_to(project).as_posix()}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:20]
+
+
+def dbt_manifest() -> Path:
+    """manifest.json of the current files of the dbt project, made by `dbt parse` if missing.
+
+    Cached as <project>/target/cosmos-manifest/<project_hash>/manifest.json: a parse with
+    unchanged files only hashes them (milliseconds); after a change, `dbt parse` runs in-process
+    (about 5 s; it does not open the warehouse). The parse writes into a temporary folder that
+    is renamed into place, so a concurrent parse never reads a half-written manifest.
+    """
+    project = settings.dbt_project_dir()
+    cache = project / MANIFEST_CACHE
+    final = cache / project_hash(project)
+    manifest = final / "manifest.json"
+    if manifest.is_file():
+        return manifest
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".parse-", dir=cache))
+    try:
+        run_dbt(
+            ["parse", "--quiet", "--target-path", str(staging / "target")]
+            + ["--log-path", str(staging / "logs")]
+        )
+        (staging / "target" / "manifest.json").rename(staging / "manifest.json")
+        shutil.rmtree(staging / "target")
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide it from other users' DAG processors
+        try:
+            staging.rename(final)
+        except OSError:
+            if not manifest.is_file():  # not "another process stored it first"
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _prune_manifests(cache)
+    return manifest
+
+
+def _prune_manifests(cache: Path) -> None:
+    """Keep the newest manifests (another process may still use a recent one); drop the
+    temporary folders of parses that died more than an hour ago."""
+    folders = [d for d in cache.iterdir() if d.is_dir()]
+    stored = sorted(
+        (d for d in folders if not d.name.startswith(".")),
+        key=lambda d: d.stat().st_mtime,
+        reverse=True,
+    )
+    abandoned = [d for d in folders if d.name.startswith(".parse-") and _age(d) > 3600]
+    for old in stored[MANIFESTS_KEPT:] + abandoned:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 # --- in-process dbt -----------------------------------------------------------------------

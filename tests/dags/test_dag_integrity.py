@@ -6,14 +6,13 @@ import datetime as dt
 
 import pytest
 from airflow.dag_processing.dagbag import DagBag
-from dag_fixtures import airflow_db_fixture  # noqa: F401 (the airflow_db fixture)
 
 from event_pipeline import settings
 
 
 @pytest.fixture(scope="module")
-def dagbag(airflow_db: None) -> DagBag:
-    # Parsing needs the metadata database: Cosmos keeps its `dbt ls` cache in a Variable.
+def dagbag() -> DagBag:
+    # No airflow_db: parsing needs no metadata database (see test_dag_import.py).
     return DagBag(dag_folder=str(settings.REPO_ROOT / "dags"))
 
 

@@ -378,7 +378,7 @@ def test_cosmos_configs_point_at_this_repository(monkeypatch: pytest.MonkeyPatch
     assert (profile.profile_name, profile.target_name) == ("event_stats", "dev")
     assert Path(execution.dbt_executable_path).is_file()
     assert execution.invocation_mode == InvocationMode.DBT_RUNNER
-    assert render.load_method == LoadMode.DBT_LS
-    assert dbt_config.render_config(load_method=LoadMode.DBT_MANIFEST).load_method == (
-        LoadMode.DBT_MANIFEST
-    )
+    assert render.load_method == LoadMode.DBT_MANIFEST
+    assert str(project.manifest_path) == str(dbt_config.dbt_manifest())
+    assert dbt_config.dbt_manifest().is_relative_to(settings.REPO_ROOT / "dbt_project" / "target")
+    assert dbt_config.render_config(load_method=LoadMode.DBT_LS).load_method == LoadMode.DBT_LS
