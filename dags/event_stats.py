@@ -23,16 +23,14 @@ tests) >> send_stats
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from airflow.sdk import dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 from cosmos import DbtTaskGroup
-from cosmos.constants import TestBehavior, TestIndirectSelection
 
 from event_pipeline import dbt_config, settings
-from event_pipeline.airflow_support import run_day
+from event_pipeline.airflow_support import run_date, run_day
 
 DBT_VARS = {
     "start_date": "{{ run_day(dag_run) }}",
@@ -60,40 +58,27 @@ def event_stats() -> None:
     @task
     def load_raw_events(dag_run=None) -> dict:
         """Replace raw.events partition D with the events API's answer for D."""
-        from datetime import date
-
         from event_pipeline import loader
 
-        [result] = loader.load_range(date.fromisoformat(run_day(dag_run)), run_id=dag_run.run_id)
+        [result] = loader.load_range(run_date(dag_run), run_id=dag_run.run_id)
         return {"event_date": result.event_date.isoformat(), "rows": result.rows}
 
     dbt = DbtTaskGroup(
         group_id="dbt",
         project_config=dbt_config.project_config(),
         profile_config=dbt_config.profile_config(),
-        # "buildable": a model's build also runs the tests whose other parents are its
-        # ancestors (the raw/stats reconcile test runs with event_stats, not before it).
-        execution_config=replace(
-            dbt_config.execution_config(), test_indirect_selection=TestIndirectSelection.BUILDABLE
-        ),
-        render_config=dbt_config.render_config(
-            # One task per node: `dbt build` runs the model, then its tests (the gate). A task
-            # costs 5-10 s under the scheduler (dbt import and parse): 5 tasks per run, not 10.
-            test_behavior=TestBehavior.BUILD,
-            should_detach_multiple_parents_tests=False,
-        ),
+        execution_config=dbt_config.execution_config(),  # in-process dbt, "buildable" tests
+        render_config=dbt_config.render_config(),  # one `dbt build` task per node, from a manifest
         operator_args={"vars": DBT_VARS},
     )
 
     @task
     def send_stats(dag_run=None) -> list[dict]:
         """Email D's stats once; by SMTP when the Airflow connection exists, else to the outbox."""
-        from datetime import date
-
         from event_pipeline import report
         from event_pipeline.airflow_support import smtp_settings
 
-        results = report.send_stats(date.fromisoformat(run_day(dag_run)), smtp=smtp_settings())
+        results = report.send_stats(run_date(dag_run), smtp=smtp_settings())
         return [{"recipient": r.recipient, "status": r.status} for r in results]
 
     load_raw_events() >> dbt >> send_stats()

@@ -63,6 +63,7 @@ def run_day(dag_run: Any, offset: int = 0) -> str:
 
 
 def run_date(dag_run: Any) -> date:
+    """The date a DAG run processes (see run_day)."""
     return date.fromisoformat(run_day(dag_run))
 
 

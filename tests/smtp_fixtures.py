@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import email
 import email.policy
-import socket
 from collections.abc import Iterator
 from email.message import EmailMessage
 
 import pytest
 from aiosmtpd.controller import Controller
 
+from event_pipeline.events.process import free_port
 from event_pipeline.report import SmtpSettings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Recorder:
