@@ -96,6 +96,42 @@ def _send_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sql(args: argparse.Namespace) -> int:
+    """Print the results of SQL on the warehouse (read-only), or read statements from stdin."""
+    from event_pipeline import sql_shell
+    from event_pipeline.warehouse.query import QuerySession
+
+    session = QuerySession(args.warehouse)
+    try:
+        if args.sql is None:
+            return sql_shell.run_prompt(session, args.format)
+        return sql_shell.run_sql(session, args.sql, args.format)
+    except KeyboardInterrupt:
+        print("sql: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _add_sql_parser(commands: argparse._SubParsersAction) -> None:
+    sql = commands.add_parser(
+        "sql",
+        help="print the results of read-only SQL on the warehouse; no SQL: read it from stdin",
+        description="Run read-only SQL on the warehouse and print the results. Without SQL, "
+        "read `;`-terminated statements from stdin (a prompt on a terminal; .quit to leave).",
+    )
+    sql.add_argument("sql", nargs="?", help='statements, e.g. "select * from raw.load_log"')
+    sql.add_argument(
+        "--format",
+        choices=["table", "csv", "json"],
+        default="table",
+        help="json: an array of objects, one per row, per statement (default: table)",
+    )
+    sql.add_argument("--warehouse", type=Path, help="DuckDB file (default: $WAREHOUSE_PATH)")
+    sql.set_defaults(handler=_sql)
+
+
 # `airflow` subcommands that must work before (or without) our setup.
 _AIRFLOW_NO_SETUP = {"db", "version", "config", "info", "cheat-sheet", "-h", "--help"}
 
@@ -188,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--outbox", action="store_true", help="write to the outbox even if SMTP is configured"
     )
     send.set_defaults(handler=_send_stats)
+
+    _add_sql_parser(commands)
 
     airflow = commands.add_parser(
         "airflow",
