@@ -9,9 +9,9 @@ The ledger row is written only after the send succeeded. The Message-ID is deriv
 the content hash and the revision, so if the process dies between sending and writing the ledger,
 the retry sends a message with the same Message-ID, which mail clients treat as the same message.
 
-Backends: by default each email is written as an .eml file to the outbox directory; with SMTP
-settings (from Airflow's SMTP connection, see airflow_support.smtp_settings) it goes by SMTP.
-This module knows nothing about Airflow.
+Backends (event_pipeline.mail): by default each email is written as an .eml file to the outbox
+directory; with SMTP settings (from Airflow's SMTP connection, see airflow_support.smtp_settings)
+it goes by SMTP. This module knows nothing about Airflow.
 """
 
 from __future__ import annotations
@@ -20,11 +20,7 @@ import hashlib
 import html
 import json
 import logging
-import os
-import re
-import smtplib
-import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -32,7 +28,8 @@ from pathlib import Path
 
 import duckdb
 
-from event_pipeline import settings, warehouse
+from event_pipeline import mail, settings, warehouse
+from event_pipeline.mail import SmtpSettings
 
 log = logging.getLogger(__name__)
 
@@ -78,23 +75,6 @@ class DayStats:
             separators=(",", ":"),
         )
         return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class SmtpSettings:
-    """Where and how to send by SMTP (the fields of an Airflow SMTP connection)."""
-
-    host: str
-    port: int = 25
-    login: str | None = None
-    password: str | None = field(default=None, repr=False)
-    use_ssl: bool = False
-    starttls: bool = False
-    timeout: float = 30.0
-    from_email: str | None = None
-
-    def describe(self) -> str:
-        return f"smtp://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -239,26 +219,6 @@ def _ledger(
     ).fetchall()
 
 
-def _write_outbox(message: EmailMessage, outbox_dir: Path, name: str) -> Path:
-    outbox_dir.mkdir(parents=True, exist_ok=True)
-    target = outbox_dir / name
-    partial = target.with_suffix(".eml.partial")
-    partial.write_bytes(bytes(message))
-    os.replace(partial, target)  # atomic: a reader never sees half a file
-    return target
-
-
-def _send_smtp(message: EmailMessage, smtp: SmtpSettings) -> None:
-    client_class = smtplib.SMTP_SSL if smtp.use_ssl else smtplib.SMTP
-    with client_class(smtp.host, smtp.port, timeout=smtp.timeout) as client:
-        if smtp.starttls and not smtp.use_ssl:
-            client.starttls(context=ssl.create_default_context())
-            client.ehlo()
-        if smtp.login and smtp.password:
-            client.login(smtp.login, smtp.password)
-        client.send_message(message)
-
-
 def send_stats(
     event_date: date,
     *,
@@ -304,12 +264,7 @@ def send_stats(
         message = compose_email(
             stats, sender=sender, recipient=recipient, message_id=msg_id, replaces=replaces
         )
-        if smtp:
-            _send_smtp(message, smtp)
-            where = backend
-        else:
-            safe = re.sub(r"[^A-Za-z0-9._-]", "_", recipient)
-            where = str(_write_outbox(message, outbox_dir, f"{event_date}_{safe}_r{revision}.eml"))
+        where = mail.deliver(message, smtp=smtp, outbox_dir=outbox_dir)
         # The ledger row only after the send succeeded.
         with warehouse.connect(warehouse_path) as connection:
             ensure_email_log(connection)

@@ -11,7 +11,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from event_pipeline.events.process import free_port
-from event_pipeline.report import SmtpSettings
+from event_pipeline.mail import SmtpSettings
 
 
 class Recorder:

@@ -12,7 +12,7 @@ import duckdb
 import pytest
 from smtp_fixtures import smtp_server_fixture  # noqa: F401 (the smtp_server fixture)
 
-from event_pipeline import report
+from event_pipeline import mail
 from event_pipeline.report import send_stats
 
 DAY = date(2026, 1, 5)
@@ -115,7 +115,7 @@ def test_changed_stats_send_an_update_that_replaces_the_earlier_email(
     assert update.status == "sent" and update.revision == 2
     assert update.message_id != first.message_id
     assert update.supersedes == first.message_id
-    message = read_eml(outbox / "2026-01-05_a_example.com_r2.eml")
+    message = read_eml(mail.outbox_path(outbox, "a@example.com", update.message_id))
     assert message["Supersedes"] == first.message_id
     assert first.message_id in message["References"]
     assert message["Subject"].startswith("[Updated]")
@@ -132,7 +132,7 @@ def test_an_empty_day_gets_a_short_email(stats_db: Path, tmp_path: Path):
     [result] = send_stats(
         empty_day, warehouse_path=stats_db, recipients=["a@example.com"], outbox_dir=outbox
     )
-    message = read_eml(outbox / f"{empty_day}_a_example.com_r1.eml")
+    message = read_eml(mail.outbox_path(outbox, "a@example.com", result.message_id))
     assert result.status == "sent"
     assert "0 events from 0 users" in message["Subject"]
     assert "No events were recorded" in bodies(message)[0]
@@ -179,7 +179,7 @@ def test_smtp_rejection_leaves_stats_and_ledger_intact_and_a_retry_sends_once(
     kwargs = dict(warehouse_path=stats_db, recipients=["a@example.com"], smtp=smtp)
 
     recorder.reject = True
-    with pytest.raises(report.smtplib.SMTPRecipientsRefused):
+    with pytest.raises(mail.MailDeliveryError, match="refused the recipient"):
         send_stats(DAY, **kwargs)
     assert recorder.messages == []
     assert table(stats_db, "select count(*) from ops.email_log") == [(0,)]
