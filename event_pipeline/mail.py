@@ -135,7 +135,13 @@ def deliver(message: EmailMessage, *, smtp: SmtpSettings | None, outbox_dir: Pat
     if len(addresses) != 1:
         raise ValueError(f"deliver: an outbox message needs exactly one To address: {addresses}")
     target = outbox_path(outbox_dir, addresses[0], str(message_id))
-    _write_atomically(target, bytes(message))
+    try:
+        _write_atomically(target, bytes(message))
+    except OSError as error:
+        raise MailDeliveryError(
+            f"Could not write the outbox file {target} ({error}): nothing was written. Make "
+            f"{outbox_dir} writable (EMAIL_OUTBOX_DIR), then retry."
+        ) from error
     return str(target)
 
 
@@ -152,11 +158,14 @@ def _write_atomically(target: Path, content: bytes) -> None:
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename survives a power loss too
-    finally:
-        os.close(directory)
+    try:  # the rename survives a power loss too; the file is in place either way
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as error:
+        log.warning("Could not sync the outbox directory %s: %s", target.parent, error)
 
 
 def tls_context(verify: bool) -> ssl.SSLContext:
