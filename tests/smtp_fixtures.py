@@ -31,7 +31,8 @@ class Recorder:
     """aiosmtpd handler that keeps every accepted message, or fails when told.
 
     reject: RCPT answered 550 (kept for older tests); rcpt_reply / data_reply: the reply to RCPT
-    or to the end of DATA instead of 250 (e.g. "451 4.3.0 try later");
+    or to the end of DATA instead of 250 (e.g. "451 4.3.0 try later"); rcpt_replies: the same
+    for some addresses only;
     drop_after_data: the message is taken (recorded) and the connection closed without a reply;
     on_data: called with each message before the reply (e.g. to act at that moment).
     """
@@ -40,6 +41,7 @@ class Recorder:
         self.messages: list[EmailMessage] = []
         self.reject = False
         self.rcpt_reply: str | None = None
+        self.rcpt_replies: dict[str, str] = {}
         self.data_reply: str | None = None
         self.drop_after_data = False
         self.on_data: Callable[[EmailMessage], None] | None = None
@@ -47,8 +49,8 @@ class Recorder:
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
         if self.reject:
             return "550 5.1.1 mailbox unavailable (test server rejects)"
-        if self.rcpt_reply:
-            return self.rcpt_reply
+        if self.rcpt_reply or address in self.rcpt_replies:
+            return self.rcpt_reply or self.rcpt_replies[address]
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -60,7 +62,7 @@ class Recorder:
             self.on_data(message)
         self.messages.append(message)
         if self.drop_after_data:
-            session.transport.abort()  # accepted here, but the client never hears it
+            server.transport.abort()  # accepted here, but the client never hears it
         return "250 Message accepted"
 
     def message_ids(self) -> list[str]:
