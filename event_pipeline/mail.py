@@ -74,15 +74,43 @@ class Recipient:
 def parse_recipients(values: str | list[str], *, source: str = "EMAIL_TO") -> list[Recipient]:
     """Parse address lists (`"Doe, John" <j@x.com>, b@y.com`) into unique recipients.
 
-    Quoted names may contain commas. A recipient listed twice (addresses compared without case)
-    is kept once, first occurrence wins. Raises InvalidAddressError naming the first bad entry.
+    Quoted names may contain commas; empty entries are ignored. A recipient listed twice
+    (addresses compared without case) is kept once, first occurrence wins. Raises
+    InvalidAddressError naming the first entry that is not exactly one valid address.
     """
     texts = [values] if isinstance(values, str) else list(values)
     recipients: dict[str, Recipient] = {}
-    for name, address in getaddresses(texts):
-        bare = bare_address(address, source=f"{source}={', '.join(texts)!r}")
+    for entry in (entry for text in texts for entry in _split_address_list(text)):
+        pairs = getaddresses([entry])
+        if len(pairs) != 1:
+            pairs = [("", entry)]  # several addresses in one entry: name it as written
+        name, address = pairs[0]
+        bare = bare_address(address or entry, source=source)
         recipients.setdefault(bare, Recipient(name.strip(), bare))
     return list(recipients.values())
+
+
+def _split_address_list(text: str) -> list[str]:
+    """Split at the commas that separate entries (not those in quotes, <...> or comments)."""
+    entries, current, quoted, depth, escaped = [], [], False, 0, False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif not quoted and char in "<(":
+            depth += 1
+        elif not quoted and char in ">)":
+            depth = max(0, depth - 1)
+        elif char == "," and not quoted and depth == 0:
+            entries.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    entries.append("".join(current))
+    return [entry.strip() for entry in entries if entry.strip()]
 
 
 def bare_address(address: str, *, source: str) -> str:
@@ -93,9 +121,8 @@ def bare_address(address: str, *, source: str) -> str:
     except (ValueError, IndexError, HeaderParseError):
         valid = False
     if not valid:
-        shown = repr(address) if address else "an empty or malformed entry"
         raise InvalidAddressError(
-            f"Invalid email address {shown} in {source}: use addresses like "
+            f"Invalid email address {address!r} in {source}: use addresses like "
             '`a@example.com` or `"Doe, John" <j@example.com>`, separated by commas.'
         )
     return address.lower()
@@ -103,7 +130,8 @@ def bare_address(address: str, *, source: str) -> str:
 
 def sender_domain(sender: str) -> str:
     """The domain of the sender's address (`Event Stats <stats@example.com>` -> example.com)."""
-    [(_, address)] = getaddresses([sender]) or [("", "")]
+    pairs = getaddresses([sender])
+    address = pairs[0][1] if len(pairs) == 1 and pairs[0][1] else sender
     return bare_address(address, source=f"the sender {sender!r}").rpartition("@")[2]
 
 
