@@ -385,8 +385,8 @@ def send_stats(
     results: list[SendResult] = []
     failures: list[str] = []
     with warehouse.connect(warehouse_path) as connection:
+        day = read_built_stats(connection, event_date)  # before any write: a refusal writes nothing
         email_log.ensure_email_log(connection)
-        day = read_built_stats(connection, event_date)
         plans = _plans(connection, day, targets, domain=domain, backend=backend)
         email_log.record_intents(
             connection,
