@@ -139,7 +139,8 @@ class _Interrupts:
     """While active (main thread only), SIGTERM and SIGINT raise LoadInterrupted.
 
     Inside `deferred()` they wait until the block ends, so a write is never cut between its
-    commit and its bookkeeping. A signal that was ignored stays ignored.
+    commit and its bookkeeping. A signal that was ignored stays ignored. `received` remembers
+    the signal: DuckDB turns a handler's exception during a query into its own RuntimeError.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -148,6 +149,7 @@ class _Interrupts:
         self._previous: dict[int, object] = {}
         self._deferring = False
         self._pending: tuple[int, FrameType | None] | None = None
+        self.received: int | None = None
 
     def __enter__(self) -> _Interrupts:
         if threading.current_thread() is threading.main_thread():
@@ -164,6 +166,7 @@ class _Interrupts:
             signal.signal(signum, previous)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = self.received or signum
         if self._deferring:
             self._pending = self._pending or (signum, frame)
             return
@@ -412,17 +415,20 @@ def _print_progress(
         log.info("Loaded %s", line)
 
 
-def _interrupted_message(
-    interrupted: LoadInterrupted, source: _Source, dates: list[date], loaded: int
-) -> str:
-    done = f"{dates[0]} to {dates[loaded - 1]} loaded, " if loaded else ""
+def _span(first: date, last: date) -> str:
+    return str(first) if first == last else f"{first} to {last}"
+
+
+def _interrupted_message(signum: int, source: _Source, dates: list[date], loaded: int) -> str:
+    name = signal.Signals(signum).name
     rest = dates[loaded:]
     if not rest:
-        return f"load interrupted by {interrupted.signal_name} after its last date: all loaded"
+        return f"load interrupted by {name} at its end: {_span(dates[0], dates[-1])} loaded"
+    done = f"{_span(dates[0], dates[loaded - 1])} loaded, " if loaded else ""
     resume = source.command(rest[0], rest[-1] + timedelta(days=1))
     return (
-        f"load interrupted by {interrupted.signal_name}: {done}{rest[0]} to {rest[-1]} "
-        f"unchanged; `{resume}` finishes the job"
+        f"load interrupted by {name}: {done}{_span(rest[0], rest[-1])} unchanged; "
+        f"`{resume}` finishes the job"
     )
 
 
@@ -449,12 +455,15 @@ def load_range(
     run_id = run_id or f"manual-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     dates = [start + timedelta(days=i) for i in range((end - start).days)]
     results: list[LoadResult] = []
+    interrupts = _Interrupts()
     try:
-        with _Interrupts() as interrupts, _download_directory() as directory:
+        with interrupts, _download_directory() as directory:
             _load_dates(dates, source, directory, run_id, progress, interrupts, results)
-    except LoadInterrupted as interrupted:
-        message = _interrupted_message(interrupted, source, dates, len(results))
-        raise LoadInterrupted(interrupted.signum, message) from None
+    except BaseException:
+        if interrupts.received is None:
+            raise
+        message = _interrupted_message(interrupts.received, source, dates, len(results))
+        raise LoadInterrupted(interrupts.received, message) from None
     return results
 
 

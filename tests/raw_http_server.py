@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Literal
@@ -30,6 +31,7 @@ class Answer:
     `chunk_size`, then the last chunk `0`), or "close" (no length: the end is the connection
     closing). `cut_at` sends only that many bytes of the framed body (chunk lines included), then
     closes the connection: a body cut in transit. `http_version` "HTTP/1.0" gives an old server.
+    `delay` waits that many seconds before answering (a slow source).
     """
 
     status: int = 200
@@ -39,6 +41,7 @@ class Answer:
     cut_at: int | None = None
     chunk_size: int = 1000
     http_version: str = "HTTP/1.1"
+    delay: float = 0.0
 
     def framed_body(self) -> bytes:
         if self.framing != "chunked":
@@ -127,6 +130,7 @@ class RawHttpServer:
                 request += data
             request_line = request.split(b"\r\n", 1)[0].decode("latin-1")
             answer = self._next_answer(request_line)
+            time.sleep(answer.delay)
             try:
                 connection.sendall(answer.wire())
                 connection.shutdown(socket.SHUT_WR)
