@@ -8,6 +8,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from event_pipeline.report import SendResult
 
 
 def _serve_events(args: argparse.Namespace) -> int:
@@ -86,13 +90,26 @@ def _run(args: argparse.Namespace) -> int:
 
 def _send_stats(args: argparse.Namespace) -> int:
     from event_pipeline import airflow_support, report
+    from event_pipeline.mail import InvalidAddressError
+    from event_pipeline.warehouse import WarehouseLockedError
 
     smtp = None
     if not args.outbox:
         airflow_support.configure_environment()
         smtp = airflow_support.smtp_settings()
-    for result in report.send_stats(args.date, warehouse_path=args.warehouse, smtp=smtp):
-        print(f"{result.event_date} {result.recipient}: {result.status} {result.message_id}")
+    try:
+        results = report.send_stats(args.date, warehouse_path=args.warehouse, smtp=smtp)
+    except report.SendStatsError as error:
+        _print_sent(error.results)
+        raise SystemExit(f"send-stats failed: {error}") from error
+    except (
+        report.StatsNotBuiltError,
+        InvalidAddressError,
+        WarehouseLockedError,
+        ValueError,
+    ) as error:
+        raise SystemExit(f"send-stats failed: {error}") from error
+    _print_sent(results)
     return 0
 
 
@@ -130,6 +147,11 @@ def _add_sql_parser(commands: argparse._SubParsersAction) -> None:
     )
     sql.add_argument("--warehouse", type=Path, help="DuckDB file (default: $WAREHOUSE_PATH)")
     sql.set_defaults(handler=_sql)
+
+
+def _print_sent(results: list[SendResult]) -> None:
+    for result in results:
+        print(f"{result.event_date} {result.recipient}: {result.status} {result.message_id}")
 
 
 # `airflow` subcommands that must work before (or without) our setup.
