@@ -54,8 +54,12 @@ def _iso_date(text: str):  # noqa: ANN202 - argparse type
 
 
 def _load(args: argparse.Namespace) -> int:
-    """Load raw events of [start, end) into the warehouse, one atomic transaction per date."""
-    from event_pipeline.loader import load_range
+    """Load raw events of [start, end) into the warehouse, one atomic transaction per date.
+
+    SIGTERM or SIGINT ends it with one line saying what was loaded and how to finish, and the
+    exit status 128 + the signal's number.
+    """
+    from event_pipeline.loader import LoadInterrupted, load_range
     from event_pipeline.sources import EventSourceError
     from event_pipeline.warehouse import WarehouseLockedError
 
@@ -72,6 +76,9 @@ def _load(args: argparse.Namespace) -> int:
         )
     except (EventSourceError, WarehouseLockedError, ValueError) as error:
         raise SystemExit(f"load failed: {error}") from error
+    except LoadInterrupted as interrupted:
+        print(interrupted, file=sys.stderr, flush=True)
+        return 128 + interrupted.signum
     replaced = sum(result.changed for result in results)
     rows = sum(result.rows for result in results)
     print(
