@@ -168,10 +168,13 @@ def _status(args: argparse.Namespace) -> int:
     except (status.StatusUnavailableError, WarehouseLockedError) as error:
         print(f"status: {error}", file=sys.stderr)
         return status.EXIT_UNAVAILABLE
-    if args.json:
-        print(json.dumps(status.report_json(report), indent=2))
-    else:
-        print(status.render_text(report), end="")
+    try:
+        if args.json:
+            print(json.dumps(status.report_json(report), indent=2))
+        else:
+            print(status.render_text(report), end="")
+    except BrokenPipeError:  # the reader stopped early (`| head`): the verdict still stands
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return report.exit_code
 
 

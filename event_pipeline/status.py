@@ -415,7 +415,7 @@ def render_text(report: StatusReport) -> str:
     title = (
         f"Status of {report.start} to {report.end - timedelta(days=1)} ({days} dates, UTC)"
         if days
-        else "Status: no dates to report (nothing loaded yet)"
+        else f"Status: no dates to report (nothing loaded before {report.end})"
     )
     if report.warehouse:
         title += f", warehouse {report.warehouse}"
