@@ -35,6 +35,8 @@ from event_pipeline import sources, warehouse
 from event_pipeline.dbt_config import date_vars, run_dbt
 from event_pipeline.events import process as events_process
 from event_pipeline.loader import load_range
+from event_pipeline.warehouse import counts
+from event_pipeline.warehouse import status as ledger_reads
 
 DAY = date(2026, 1, 1)  # the date of the big day; the dbt data set starts here too
 MB = 1024 * 1024
@@ -214,12 +216,13 @@ def bench_loader(
     first, first_peak = run_measured(argv, env, tmp / "load.log")
     again, again_peak = run_measured(argv, env, tmp / "load.log")
     with warehouse.connect(tmp / "load.duckdb", read_only=True) as connection:
-        ((rows, changed),) = connection.execute(
-            "select (select count(*) from raw.events), "
-            "(select list(changed order by loaded_at) from raw.load_log)"
-        ).fetchall()
-    if rows != events or changed != [True, False]:
-        raise RuntimeError(f"unexpected load: {rows} rows, ledger changed={changed}")
+        rows = sum(counts.raw_rows_by_date(connection).values())
+        [load] = ledger_reads.read_ledgers(connection, DAY, DAY + timedelta(days=1)).loads
+    # the ledger: two loads of the day; the first changed raw.events, the second did not
+    changed_at = load.changed_at
+    reloaded_unchanged = load.loads == 2 and changed_at is not None and changed_at < load.loaded_at
+    if rows != events or not reloaded_unchanged:
+        raise RuntimeError(f"unexpected load: {rows} rows, {load}")
     report.add(
         Measure("load: first load of the day", first, "s", f"{rows:,} rows, subprocess"),
         ratio(
@@ -299,10 +302,9 @@ def dbt_builds(
     return DbtRuns(seconds, model_seconds, ", ".join(f"{n} {s:.2f} s" for n, s in slowest))
 
 
-def _stats_rows(path: Path, day: date | None = None) -> int:
-    sql = "select count(*) from analytics.event_stats where ? is null or event_date = ?"
+def _stats_rows(path: Path) -> dict[date, int]:
     with warehouse.connect(path, read_only=True) as connection:
-        return connection.execute(sql, [day, day]).fetchall()[0][0]
+        return counts.stats_rows_by_date(connection)
 
 
 def bench_dbt(report: Report, url: str, days: int, tmp: Path) -> None:
@@ -316,10 +318,11 @@ def bench_dbt(report: Report, url: str, days: int, tmp: Path) -> None:
 
     one_date = date_vars(DAY + timedelta(days=days // 2))
     full = dbt_builds(path, tmp / "target-full", "--full-refresh")
-    total_rows = _stats_rows(path)
+    total_rows = sum(_stats_rows(path).values())
     single = dbt_builds(path, tmp / "target-one", dbt_vars=one_date)
-    replaced = _stats_rows(path, date.fromisoformat(one_date["start_date"]))
-    if _stats_rows(path) != total_rows:
+    after = _stats_rows(path)
+    replaced = after.get(date.fromisoformat(one_date["start_date"]), 0)
+    if sum(after.values()) != total_rows:
         raise RuntimeError("the one-date build changed the number of stats rows of other dates")
     report.add(
         Measure("dbt: full refresh (build)", full.best, "s", f"{total_rows:,} stats rows"),

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
+import psutil
 import pytest
 from smtp_fixtures import free_port
 
-pytestmark = pytest.mark.e2e
+from event_pipeline import pipeline
+from event_pipeline.events.generator import generate_day
+from event_pipeline.warehouse.email_log import SENDING, SENT
+from event_pipeline.warehouse.stats import BuildRecord
+from event_pipeline.warehouse.status import EmailRecord, Ledgers, LoadSummary
 
 
 def _port_in_use(port: int) -> bool:
@@ -49,6 +57,7 @@ def _tables(path: str) -> list[list[tuple]]:
         ]
 
 
+@pytest.mark.e2e
 def test_run_prints_a_summary_per_date_and_a_second_run_changes_nothing(run_env):
     port = free_port()
     first = _run(run_env, port, "--start", "2026-02-01", "--end", "2026-02-03")
@@ -58,8 +67,10 @@ def test_run_prints_a_summary_per_date_and_a_second_run_changes_nothing(run_env)
     for day in ("2026-02-01", "2026-02-02"):
         [row] = [line for line in lines if line.startswith(day) and "success" in line]
         assert "sent (revision 1)" in row
-    assert "2026-02-03" not in first.stdout.split("date")[-1]  # end is exclusive
+    assert not [line for line in lines if line.startswith("2026-02-03")]  # end is exclusive
     assert "uv run event-stats sql" in first.stdout and "analytics.event_stats" in first.stdout
+    assert "uv run event-stats status" in first.stdout and "--start 2026-02-01" in first.stdout
+    assert "problem(s)" not in first.stdout  # the status of the run's dates: all well
     assert not _port_in_use(port), "the events API it started is still running"
     emails = sorted(Path(run_env["EMAIL_OUTBOX_DIR"]).glob("*.eml"))
     assert len(emails) == 2
@@ -73,6 +84,7 @@ def test_run_prints_a_summary_per_date_and_a_second_run_changes_nothing(run_env)
     assert sorted(Path(run_env["EMAIL_OUTBOX_DIR"]).glob("*.eml")) == emails
 
 
+@pytest.mark.e2e
 def test_run_stops_the_events_api_when_it_is_interrupted(run_env):
     port = free_port()
     argv = [sys.executable, "-m", "event_pipeline.cli", "run", "--port", str(port)]
@@ -91,3 +103,173 @@ def test_run_stops_the_events_api_when_it_is_interrupted(run_env):
         process.stdout.close()
     assert process.returncode != 0
     assert not _port_in_use(port), "the events API outlived an interrupted run"
+
+
+class _Output:
+    """Collects a subprocess's stdout in a thread (progress lines end only when a date ends)."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self._chunks: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(process.stdout,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for chunk in iter(lambda: stream.read1(4096), b""):
+            self._chunks.append(chunk.decode(errors="replace"))
+
+    @property
+    def text(self) -> str:
+        return "".join(self._chunks)
+
+    def finish(self) -> str:
+        self._thread.join(timeout=10)
+        return self.text
+
+
+def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"`event-stats run` exited before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _dbt_task_started(run_log: Path, offset: int) -> bool:
+    """A dbt task of the event_stats DAG started after `offset` in Airflow's log."""
+    if not run_log.exists():
+        return False
+    with run_log.open("rb") as log:
+        log.seek(offset)
+        return b"[DAG TEST] running task <TaskInstance: event_stats.dbt." in log.read()
+
+
+def _events_api_children(pid: int) -> list[psutil.Process]:
+    return [
+        child
+        for child in psutil.Process(pid).children(recursive=True)
+        if "serve-events" in child.cmdline()
+    ]
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _partitions(path: str) -> dict[str, dict]:
+    """Per date: raw.events rows, analytics.event_stats rows, and the stats raw.events gives."""
+    with duckdb.connect(path, read_only=True) as connection:
+
+        def per_date(sql: str) -> dict[date, dict[str, int]]:
+            found: dict[date, dict[str, int]] = {}
+            for day, user, count in connection.execute(sql).fetchall():
+                found.setdefault(day, {})[user] = count
+            return found
+
+        return {
+            "raw": dict(
+                connection.execute(
+                    "select event_date, count(*) from raw.events group by all"
+                ).fetchall()
+            ),
+            "stats": per_date("select event_date, user_id, event_count from analytics.event_stats"),
+            "stats_of_raw": per_date(
+                "select event_date, user_id, count(*) from raw.events group by all"
+            ),
+        }
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_run_stops_promptly_on_a_signal_during_a_later_dates_task(run_env, tmp_path, signum):
+    """Airflow's task runner replaces the SIGTERM handler for every task and turns a task's
+    KeyboardInterrupt into a failure to retry: the run's own handling must survive both."""
+    port = free_port()
+    days = [date(2026, 3, 1) + timedelta(days=i) for i in range(4)]
+    run_log = tmp_path / "data" / "run.log"
+    argv = [sys.executable, "-m", "event_pipeline.cli", "run", "--port", str(port)]
+    argv += ["--start", str(days[0]), "--end", str(days[-1] + timedelta(days=1))]
+    process = subprocess.Popen(argv, env=run_env, stdout=subprocess.PIPE)
+    output = _Output(process)
+    api: list[psutil.Process] = []
+    try:
+        _wait_for(lambda: f"{days[1]}: running" in output.text, f"{days[1]} to start", process)
+        offset = run_log.stat().st_size
+        _wait_for(lambda: _dbt_task_started(run_log, offset), f"a dbt task of {days[1]}", process)
+        time.sleep(0.3)
+        api = _events_api_children(process.pid)
+        assert len(api) == 1, "the events API child process was not found"
+        signalled = time.monotonic()
+        process.send_signal(signum)
+        process.wait(timeout=60)
+        stopped_in = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for child in api:  # only if the run left it behind
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    text = output.finish()
+
+    assert process.returncode == 128 + signum, text
+    assert stopped_in < 15, f"took {stopped_in:.0f} s to stop"
+    name = signal.Signals(signum).name
+    assert f"Interrupted by {name} while {days[1]} was running" in text, text
+    assert f"event-stats run --start {days[0]} --end {days[-1] + timedelta(days=1)}" in text
+    assert not _running(api[0]), "the events API outlived the run"
+    assert not _port_in_use(port)
+    # Every date is complete: not there at all, or all its events and the stats they give.
+    tables = _partitions(run_env["WAREHOUSE_PATH"])
+    for day in days:
+        raw = tables["raw"].get(day)
+        assert raw in (None, sum(1 for _ in generate_day(day))), f"{day}: partial raw ({raw})"
+        stats = tables["stats"].get(day)
+        assert stats in (None, tables["stats_of_raw"].get(day)), f"{day}: stats not of raw"
+    assert tables["stats"].get(days[0]), f"{days[0]} ran before the signal: its stats are missing"
+    assert days[2] not in tables["raw"] and days[3] not in tables["raw"]
+
+
+def _email(day: date, revision: int, state: str, recipient: str = "team@example.com"):
+    at = datetime(2026, 3, 10, 12)
+    sent_at = at if state == SENT else None
+    return EmailRecord(day, recipient, revision, state, "h", f"<m{revision}>", sent_at, at)
+
+
+def test_the_summary_tells_emails_sent_now_earlier_and_unconfirmed_apart(warehouse, capsys):
+    """A 'sending' row is an email whose send was cut off: it must not read as sent."""
+    days = [date(2026, 3, 1) + timedelta(days=i) for i in range(5)]
+    unchanged, sent, cut_off, update_cut_off, never = days
+    loaded, built = datetime(2026, 3, 10, 10), datetime(2026, 3, 10, 11)
+    loads = [LoadSummary(day, 5, loaded, "http://api/events", "run", loaded, 1) for day in days]
+    builds = [BuildRecord(day, "inv", 2, 5, built) for day in days]
+    before = [_email(unchanged, 1, SENT), _email(update_cut_off, 1, SENT)]
+    after = [
+        *before,
+        _email(sent, 1, SENT),
+        _email(cut_off, 1, SENDING),
+        _email(update_cut_off, 2, SENDING),
+    ]
+
+    summaries, report = pipeline.day_summaries(
+        days,
+        dict.fromkeys(days, "success"),
+        Ledgers(loads, builds, before, {}),
+        Ledgers(loads, builds, after, {}),
+    )
+
+    assert {s.event_date: s.email for s in summaries} == {
+        unchanged: "unchanged, not sent again (revision 1 sent earlier)",
+        sent: "sent (revision 1)",
+        cut_off: "unconfirmed (sending, revision 1)",
+        update_cut_off: "unconfirmed (sending, revision 2)",
+        never: "not sent",
+    }
+    assert [(s.raw_rows, s.stats_rows) for s in summaries] == [(5, 2)] * 5
+    pipeline.print_summary(summaries, report)
+    printed = capsys.readouterr().out
+    assert f"{cut_off} to {update_cut_off} (2 dates)  email_unconfirmed" in printed
+    assert f"{never}  email_not_sent" in printed
+    assert f"event-stats status --warehouse {warehouse} --start {days[0]} --end" in printed
