@@ -14,8 +14,9 @@ never downloads one (autoinstall is off).
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import duckdb
@@ -73,6 +74,7 @@ def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
     path = Path(path)
     if not read_only:
         (path / DATA_DIR).mkdir(parents=True, exist_ok=True)
+        use_wal(path / CATALOG_FILE)
     connection = duckdb.connect(config=CONFIG)
     try:
         # In-memory DuckDB spills to ./.tmp by default; keep spill files beside the data.
@@ -83,6 +85,17 @@ def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
         yield connection
     finally:
         connection.close()
+
+
+def use_wal(catalog: Path) -> None:
+    """Put the SQLite catalog in WAL mode (kept in the file; creates an empty catalog, which
+    DuckLake fills on ATTACH). In SQLite's default rollback journal, a reader inside a
+    transaction blocks a writer's commit, and readers querying in a loop delay it; in WAL mode
+    neither does (docs/STORAGE.md has the figures)."""
+    with closing(sqlite3.connect(catalog, timeout=30)) as database:
+        (mode,) = database.execute("pragma journal_mode").fetchone()
+        if mode != "wal":
+            database.execute("pragma journal_mode = wal")
 
 
 def is_lake_connection(connection: duckdb.DuckDBPyConnection) -> bool:
