@@ -428,9 +428,12 @@ def test_open_reader_sessions_block_neither_a_load_nor_a_dbt_build(events_api, l
 # --- two writers at the same moment ----------------------------------------------------------
 
 
-def _replace_day_at_the_barrier(path: str, day: date, rows: int, barrier, results) -> None:
-    """Replace `day` of raw.events (as the loader does) and commit when the other writer does;
-    on DuckLake's "database is locked" retry the whole transaction. Runs in a child process."""
+def _replace_day_at_the_barrier(
+    path: str, day: date, load_id: str, previous: str, barrier, results
+) -> None:
+    """Replace `day` of raw.events with rows of `load_id` (as the loader does: delete, insert)
+    and commit when the other writer does; on DuckLake's "database is locked" retry the whole
+    transaction, after checking that the failed one left the `previous` rows. A child process."""
     attempts, untouched_after_failure = 0, True
     while True:
         attempts += 1
@@ -440,8 +443,8 @@ def _replace_day_at_the_barrier(path: str, day: date, rows: int, barrier, result
                 connection.execute("delete from raw.events where event_date = ?", [day])
                 connection.execute(
                     "insert into raw.events select 'n' || i || $day, 'u', 'click', "
-                    "$day::timestamp, $day, 'new' from range($rows) t(i)",
-                    {"day": day, "rows": rows},
+                    "$day::timestamp, $day, $load_id from range(50000) t(i)",
+                    {"day": day, "load_id": load_id},
                 )
                 if attempts == 1:
                     barrier.wait(timeout=60)
@@ -455,7 +458,7 @@ def _replace_day_at_the_barrier(path: str, day: date, rows: int, barrier, result
                 (loads,) = connection.execute(
                     "select list(distinct load_id) from raw.events where event_date = ?", [day]
                 ).fetchall()[0]
-            untouched_after_failure &= loads == ["old"]
+            untouched_after_failure &= loads == [previous]
             time.sleep(0.1 * attempts)
     results.put((day, attempts, "untouched" if untouched_after_failure else "TORN"))
 
@@ -469,11 +472,13 @@ def test_two_loads_of_different_dates_at_once_one_retries_and_both_commit(lake):
         )
     context = get_context("spawn")
     outcomes = []
-    for _ in range(3):
+    for trial in range(3):
         barrier, results = context.Barrier(2), context.Queue()
+        previous = f"trial {trial - 1}" if trial else "old"
         writers = [
             context.Process(
-                target=_replace_day_at_the_barrier, args=(str(lake), day, 50_000, barrier, results)
+                target=_replace_day_at_the_barrier,
+                args=(str(lake), day, f"trial {trial}", previous, barrier, results),
             )
             for day in (D, D1)
         ]
@@ -484,5 +489,6 @@ def test_two_loads_of_different_dates_at_once_one_retries_and_both_commit(lake):
         outcomes.append(sorted(results.get(timeout=5)[1:] for _ in writers))
     print(f"(attempts, state after a failed attempt) per writer, per trial: {outcomes}")
     assert partitions(lake) == {D: 50_000, D1: 50_000}
+    assert query(lake, "select distinct load_id from raw.events") == [("trial 2",)]
     for trial in outcomes:
         assert all(state == "untouched" for _, state in trial), trial
