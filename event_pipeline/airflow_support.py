@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from event_pipeline import settings
 
 if TYPE_CHECKING:
-    from event_pipeline.report import SmtpSettings
+    from event_pipeline.mail import SmtpSettings
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +71,14 @@ def smtp_settings(conn_id: str | None = None) -> SmtpSettings | None:
     """SMTP settings from Airflow's connection `conn_id`, or None when it does not exist.
 
     Extras follow the SMTP provider's names: disable_ssl (default false in the provider; SSL is
-    used unless disabled), disable_tls, timeout, from_email.
+    used unless disabled), disable_tls, timeout, from_email, and ssl_context: unset or "default"
+    verifies the server's TLS certificate and host name; "none" skips verification (an explicit
+    opt-out, for a test server with a self-signed certificate).
     """
     from airflow.exceptions import AirflowNotFoundException
     from airflow.sdk import BaseHook
 
-    from event_pipeline.report import SmtpSettings
+    from event_pipeline.mail import SSL_CONTEXT_DEFAULT, SSL_CONTEXT_NONE, SmtpSettings
 
     conn_id = conn_id or settings.smtp_conn_id()
     try:
@@ -86,6 +88,12 @@ def smtp_settings(conn_id: str | None = None) -> SmtpSettings | None:
         return None
     extra = connection.extra_dejson
     use_ssl = not _flag(extra.get("disable_ssl", False))
+    ssl_context = extra.get("ssl_context") or SSL_CONTEXT_DEFAULT
+    if ssl_context not in (SSL_CONTEXT_DEFAULT, SSL_CONTEXT_NONE):
+        raise ValueError(
+            f"Airflow connection {conn_id}: extra ssl_context must be "
+            f"{SSL_CONTEXT_DEFAULT!r} or {SSL_CONTEXT_NONE!r}, not {ssl_context!r}"
+        )
     return SmtpSettings(
         host=connection.host or "localhost",
         port=int(connection.port or (465 if use_ssl else 25)),
@@ -95,6 +103,7 @@ def smtp_settings(conn_id: str | None = None) -> SmtpSettings | None:
         starttls=not use_ssl and not _flag(extra.get("disable_tls", False)),
         timeout=float(extra.get("timeout", 30)),
         from_email=extra.get("from_email"),
+        verify_tls=ssl_context != SSL_CONTEXT_NONE,
     )
 
 

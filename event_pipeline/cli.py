@@ -8,6 +8,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from event_pipeline.report import SendResult
 
 
 def _serve_events(args: argparse.Namespace) -> int:
@@ -86,14 +90,68 @@ def _run(args: argparse.Namespace) -> int:
 
 def _send_stats(args: argparse.Namespace) -> int:
     from event_pipeline import airflow_support, report
+    from event_pipeline.mail import InvalidAddressError
+    from event_pipeline.warehouse import WarehouseLockedError
 
     smtp = None
     if not args.outbox:
         airflow_support.configure_environment()
         smtp = airflow_support.smtp_settings()
-    for result in report.send_stats(args.date, warehouse_path=args.warehouse, smtp=smtp):
-        print(f"{result.event_date} {result.recipient}: {result.status} {result.message_id}")
+    try:
+        results = report.send_stats(args.date, warehouse_path=args.warehouse, smtp=smtp)
+    except report.SendStatsError as error:
+        _print_sent(error.results)
+        raise SystemExit(f"send-stats failed: {error}") from error
+    except (
+        report.StatsNotBuiltError,
+        InvalidAddressError,
+        WarehouseLockedError,
+        ValueError,
+    ) as error:
+        raise SystemExit(f"send-stats failed: {error}") from error
+    _print_sent(results)
     return 0
+
+
+def _sql(args: argparse.Namespace) -> int:
+    """Print the results of SQL on the warehouse (read-only), or read statements from stdin."""
+    from event_pipeline import sql_shell
+    from event_pipeline.warehouse.query import QuerySession
+
+    session = QuerySession(args.warehouse)
+    try:
+        if args.sql is None:
+            return sql_shell.run_prompt(session, args.format)
+        return sql_shell.run_sql(session, args.sql, args.format)
+    except KeyboardInterrupt:
+        print("sql: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _add_sql_parser(commands: argparse._SubParsersAction) -> None:
+    sql = commands.add_parser(
+        "sql",
+        help="print the results of read-only SQL on the warehouse; no SQL: read it from stdin",
+        description="Run read-only SQL on the warehouse and print the results. Without SQL, "
+        "read `;`-terminated statements from stdin (a prompt on a terminal; .quit to leave).",
+    )
+    sql.add_argument("sql", nargs="?", help='statements, e.g. "select * from raw.load_log"')
+    sql.add_argument(
+        "--format",
+        choices=["table", "csv", "json"],
+        default="table",
+        help="json: an array of objects, one per row, per statement (default: table)",
+    )
+    sql.add_argument("--warehouse", type=Path, help="DuckDB file (default: $WAREHOUSE_PATH)")
+    sql.set_defaults(handler=_sql)
+
+
+def _print_sent(results: list[SendResult]) -> None:
+    for result in results:
+        print(f"{result.event_date} {result.recipient}: {result.status} {result.message_id}")
 
 
 # `airflow` subcommands that must work before (or without) our setup.
@@ -188,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--outbox", action="store_true", help="write to the outbox even if SMTP is configured"
     )
     send.set_defaults(handler=_send_stats)
+
+    _add_sql_parser(commands)
 
     airflow = commands.add_parser(
         "airflow",

@@ -174,24 +174,31 @@ def print_summary(summaries: list[DaySummary]) -> None:
             f"{s.event_date.isoformat():<12}{s.state:<10}{show(s.raw_rows):>10}"
             f"{show(s.stats_rows):>12}  {s.email}"
         )
-    path = settings.warehouse_path()
-    try:
-        shown = path.relative_to(Path.cwd())
-    except ValueError:
-        shown = path
     print()
     print(f"Emails: {settings.email_outbox_dir()} (or SMTP when the Airflow connection exists)")
     print("Query the result with SQL, for example:")
+    sql = f"uv run event-stats sql{_warehouse_option()}"
     print(
-        f'  uv run duckdb {shown} -c "select event_date, count(*) as users, '
+        f'  {sql} "select event_date, count(*) as users, '
         'sum(event_count) as events from analytics.event_stats group by all order by 1"'
     )
     print(
-        f'  uv run duckdb {shown} -c "select * from analytics.event_stats '
+        f'  {sql} "select * from analytics.event_stats '
         "where event_date = '"
         + summaries[0].event_date.isoformat()
         + "' order by event_count desc limit 10\""
     )
+
+
+def _warehouse_option() -> str:
+    """` --warehouse PATH` when $WAREHOUSE_PATH moved the warehouse, so the hint works anywhere."""
+    if not os.environ.get("WAREHOUSE_PATH"):
+        return ""
+    path = settings.warehouse_path()
+    try:
+        return f" --warehouse {path.relative_to(Path.cwd())}"
+    except ValueError:
+        return f" --warehouse {path}"
 
 
 def run(start: date | None = None, end: date | None = None, port: int | None = None) -> int:

@@ -1,105 +1,69 @@
-"""The day's stats email: compose it from analytics.event_stats and send it exactly once.
+"""The day's stats email: compose it from analytics.event_stats and send it once per recipient.
 
-Exactly once per (date, recipient, content): the ledger ops.email_log records every email sent.
-A rerun whose stats are unchanged (same content hash as the recipient's latest email for that date)
+Once per (date, recipient, content), kept by the ledger ops.email_log (warehouse.email_log). A
+rerun whose stats are unchanged (same content hash as the recipient's latest email for that date)
 sends nothing; changed stats send an updated email that names the one it replaces (Supersedes,
 In-Reply-To and References headers, and a sentence in the body).
 
-The ledger row is written only after the send succeeded. The Message-ID is derived from the date,
-the content hash and the revision, so if the process dies between sending and writing the ledger,
-the retry sends a message with the same Message-ID, which mail clients treat as the same message.
+Order of work, so that a crash or a failure at any point neither loses nor repeats an email:
+1. open the warehouse and keep it open (DuckDB's file lock) until the end: no other process can
+   take the warehouse between a send and its ledger update;
+2. refuse a date whose stats were never built (ops.build_log);
+3. record every email about to be sent as a 'sending' row, committed (the intent);
+4. send each; mark it 'sent', or remove the row when the transport says the email was certainly
+   not accepted. If marking fails, the email still went out: a warning, not a failure.
+A rerun that finds a 'sending' row for the same content resumes it with the same Message-ID: with
+the outbox backend the row's outbox file tells whether it was written (then nothing is sent);
+over SMTP the outcome cannot be known, so it resends with the same Message-ID and says so.
 
-Backends: by default each email is written as an .eml file to the outbox directory; with SMTP
-settings (from Airflow's SMTP connection, see airflow_support.smtp_settings) it goes by SMTP.
-This module knows nothing about Airflow.
+Backends (event_pipeline.mail): by default each email is written as an .eml file to the outbox
+directory; with SMTP settings (from Airflow's SMTP connection, see airflow_support.smtp_settings)
+it goes by SMTP. This module knows nothing about Airflow.
 """
 
 from __future__ import annotations
 
-import hashlib
 import html
-import json
 import logging
-import os
-import re
-import smtplib
-import ssl
-from dataclasses import dataclass, field
-from datetime import date
+from dataclasses import dataclass, field, replace
+from datetime import date, timedelta
 from email.message import EmailMessage
-from email.utils import formatdate
+from email.utils import formatdate, getaddresses
 from pathlib import Path
 
 import duckdb
 
-from event_pipeline import settings, warehouse
+from event_pipeline import mail, settings, warehouse
+from event_pipeline.mail import Recipient, SmtpSettings
+from event_pipeline.warehouse import email_log, stats
+from event_pipeline.warehouse.email_log import SENDING, SENT, EmailLogEntry
+from event_pipeline.warehouse.stats import DayStats
 
 log = logging.getLogger(__name__)
 
 TOP_USERS = 10
 
-EMAIL_LOG_DDL = """
-create schema if not exists ops;
-create table if not exists ops.email_log (
-    event_date    date      not null,
-    recipient     varchar   not null,
-    revision      integer   not null,  -- 1 for the first email of the date, +1 per update
-    content_hash  varchar   not null,  -- DayStats.content_hash() of the stats that were sent
-    message_id    varchar   not null,
-    supersedes    varchar,             -- Message-ID of the email this one replaces
-    total_events  bigint    not null,
-    users         bigint    not null,
-    backend       varchar   not null,  -- smtp://host:port or outbox:<dir>
-    sent_at       timestamp not null,  -- when the send succeeded (audit only)
-    primary key (event_date, recipient, revision)
-);
-"""
+# SendResult.status values
+STATUS_SENT = "sent"
+STATUS_RESENT = "resent"  # an earlier attempt may have gone out: sent again, same Message-ID
+STATUS_UNCHANGED = "unchanged"
 
 
-@dataclass(frozen=True)
-class DayStats:
-    """One date's rows of analytics.event_stats, ordered by event count (desc), then user."""
-
-    event_date: date
-    counts: tuple[tuple[str, int], ...]
-
-    @property
-    def total_events(self) -> int:
-        return sum(count for _, count in self.counts)
-
-    @property
-    def users(self) -> int:
-        return len(self.counts)
-
-    def content_hash(self) -> str:
-        """Hash of the date and every (user, count): equal stats give an equal hash."""
-        canonical = json.dumps(
-            {"event_date": self.event_date.isoformat(), "counts": sorted(self.counts)},
-            separators=(",", ":"),
-        )
-        return hashlib.sha256(canonical.encode()).hexdigest()
+class StatsNotBuiltError(RuntimeError):
+    """The date's stats were never built, so there is nothing to email."""
 
 
-@dataclass(frozen=True)
-class SmtpSettings:
-    """Where and how to send by SMTP (the fields of an Airflow SMTP connection)."""
+class SendStatsError(RuntimeError):
+    """Some emails were not sent; `results` holds the ones that were (or were unchanged)."""
 
-    host: str
-    port: int = 25
-    login: str | None = None
-    password: str | None = field(default=None, repr=False)
-    use_ssl: bool = False
-    starttls: bool = False
-    timeout: float = 30.0
-    from_email: str | None = None
-
-    def describe(self) -> str:
-        return f"smtp://{self.host}:{self.port}"
+    def __init__(self, message: str, results: list[SendResult]) -> None:
+        super().__init__(message)
+        self.results = results
 
 
 @dataclass(frozen=True)
 class SendResult:
-    """What send_stats did for one recipient: status is "sent" or "unchanged"."""
+    """What send_stats did for one recipient (the bare address): status is STATUS_*."""
 
     event_date: date
     recipient: str
@@ -110,32 +74,19 @@ class SendResult:
     supersedes: str | None = None
 
 
-def ensure_email_log(connection: duckdb.DuckDBPyConnection) -> None:
-    """Create the ops.email_log ledger if it does not exist."""
-    connection.execute(EMAIL_LOG_DDL)
+@dataclass(frozen=True)
+class _Plan:
+    """One recipient's email in this run: nothing to do, a new row, or a row sent again."""
 
-
-def read_day_stats(connection: duckdb.DuckDBPyConnection, event_date: date) -> DayStats:
-    """Read one date's rows of analytics.event_stats."""
-    try:
-        rows = connection.execute(
-            """
-            select user_id, event_count
-            from analytics.event_stats
-            where event_date = ?
-            order by event_count desc, user_id
-            """,
-            [event_date],
-        ).fetchall()
-    except duckdb.CatalogException as error:
-        raise RuntimeError(
-            f"Cannot email the stats of {event_date}: analytics.event_stats does not exist. "
-            "Build it first (the DAG's dbt task group, or `dbt build`)."
-        ) from error
-    return DayStats(event_date, tuple((str(user), int(count)) for user, count in rows))
+    recipient: Recipient
+    entry: EmailLogEntry
+    action: str  # "unchanged" | "new" | "retry"
+    replaces: list[str] = field(default_factory=list)  # earlier Message-IDs, oldest first
+    maybe_delivered: bool = False  # retry of a row whose earlier send may have gone out
 
 
 def message_id(stats: DayStats, revision: int, domain: str) -> str:
+    """Deterministic Message-ID: the same date, revision and content give the same ID."""
     return f"<event-stats.{stats.event_date}.r{revision}.{stats.content_hash()[:16]}@{domain}>"
 
 
@@ -149,23 +100,35 @@ def compose_email(
     top: int = TOP_USERS,
 ) -> EmailMessage:
     """Build the email (plain text and HTML). `replaces`: earlier Message-IDs, oldest first."""
-    day = stats.event_date.isoformat()
     replaces = replaces or []
-    update = bool(replaces)
-    summary = f"{stats.total_events:,} events from {stats.users:,} users"
-    subject = f"Event stats for {day}: {summary}"
-    if update:
-        subject = f"[Updated] {subject}"
-
-    top_rows = stats.counts[:top]
+    day = stats.event_date.isoformat()
+    subject = f"Event stats for {day}: {stats.total_events:,} events from {stats.users:,} users"
     notice = (
         f"This email replaces the earlier stats email for {day} ({replaces[-1]}): "
         "the stats changed since it was sent."
-        if update
+        if replaces
         else ""
     )
+    message = EmailMessage()
+    message["Subject"] = f"[Updated] {subject}" if replaces else subject
+    message["From"] = sender
+    message["To"] = recipient
+    message["Date"] = formatdate(usegmt=True)
+    message["Message-ID"] = message_id
+    message["X-Event-Stats-Date"] = day
+    message["X-Event-Stats-Content-Hash"] = stats.content_hash()
+    if replaces:
+        message["Supersedes"] = replaces[-1]
+        message["In-Reply-To"] = replaces[-1]
+        message["References"] = " ".join(replaces)
+    top_rows = stats.counts[:top]
+    message.set_content(_text_body(stats, top_rows, notice))
+    message.add_alternative(_html_body(stats, top_rows, notice), subtype="html")
+    return message
 
-    lines = [f"Event stats for {day} (UTC)", ""]
+
+def _text_body(stats: DayStats, top_rows: tuple[tuple[str, int], ...], notice: str) -> str:
+    lines = [f"Event stats for {stats.event_date} (UTC)", ""]
     if notice:
         lines += [notice, ""]
     lines += [f"Total events: {stats.total_events:,}", f"Users:        {stats.users:,}", ""]
@@ -181,10 +144,12 @@ def compose_email(
     else:
         lines.append("No events were recorded on this date.")
     lines += ["", "Source: analytics.event_stats in the event-stats warehouse."]
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
 
+
+def _html_body(stats: DayStats, top_rows: tuple[tuple[str, int], ...], notice: str) -> str:
     esc = html.escape
-    parts = [f"<h2>Event stats for {esc(day)} (UTC)</h2>"]
+    parts = [f"<h2>Event stats for {esc(stats.event_date.isoformat())} (UTC)</h2>"]
     if notice:
         parts.append(f"<p><strong>{esc(notice)}</strong></p>")
     parts.append(
@@ -205,144 +170,242 @@ def compose_email(
             parts.append(f"<p>... and {stats.users - len(top_rows):,} more users</p>")
     else:
         parts.append("<p>No events were recorded on this date.</p>")
-    body_html = "<html><body>" + "".join(parts) + "</body></html>"
-
-    message = EmailMessage()
-    message["Subject"] = subject
-    message["From"] = sender
-    message["To"] = recipient
-    message["Date"] = formatdate(usegmt=True)
-    message["Message-ID"] = message_id
-    message["X-Event-Stats-Date"] = day
-    message["X-Event-Stats-Content-Hash"] = stats.content_hash()
-    if update:
-        message["Supersedes"] = replaces[-1]
-        message["In-Reply-To"] = replaces[-1]
-        message["References"] = " ".join(replaces)
-    message.set_content(text)
-    message.add_alternative(body_html, subtype="html")
-    return message
+    return "<html><body>" + "".join(parts) + "</body></html>"
 
 
-def _ledger(
-    connection: duckdb.DuckDBPyConnection, event_date: date, recipient: str
-) -> list[tuple[int, str, str]]:
-    """(revision, content_hash, message_id) of the emails sent for this date, oldest first."""
-    return connection.execute(
-        """
-        select revision, content_hash, message_id
-        from ops.email_log
-        where event_date = ? and recipient = ?
-        order by revision
-        """,
-        [event_date, recipient],
-    ).fetchall()
+def read_built_stats(connection: duckdb.DuckDBPyConnection, event_date: date) -> DayStats:
+    """The date's stats, or StatsNotBuiltError when dbt never built that date, or when the table
+    no longer holds what its latest build published."""
+    build = stats.latest_build(connection, event_date)
+    if build is None:
+        end = event_date + timedelta(days=1)
+        raise StatsNotBuiltError(
+            f"The stats of {event_date} were never built (no row for it in ops.build_log), so "
+            f"no email was sent. Build them first: run the event_stats DAG for {event_date} "
+            f"(`event-stats run --start {event_date}`), or `dbt build --project-dir dbt_project "
+            f"--profiles-dir . --vars '{{start_date: {event_date}, end_date: {end}}}'`."
+        )
+    day = stats.read_day_stats(connection, event_date)
+    if (day.users, day.total_events) != (build.users, build.events):
+        raise StatsNotBuiltError(
+            f"analytics.event_stats for {event_date} holds {day.users} users and "
+            f"{day.total_events} events, but its latest build ({build.invocation_id} at "
+            f"{build.built_at}) published {build.users} users and {build.events} events: the "
+            "table was changed outside dbt. No email was sent; rebuild the date with dbt."
+        )
+    return day
 
 
-def _write_outbox(message: EmailMessage, outbox_dir: Path, name: str) -> Path:
-    outbox_dir.mkdir(parents=True, exist_ok=True)
-    target = outbox_dir / name
-    partial = target.with_suffix(".eml.partial")
-    partial.write_bytes(bytes(message))
-    os.replace(partial, target)  # atomic: a reader never sees half a file
-    return target
+def _ledger_key(recipient: str) -> str:
+    """The bare lowercased address of a ledger row's recipient (older rows kept display names)."""
+    pairs = getaddresses([recipient])
+    return pairs[0][1].lower() if len(pairs) == 1 and pairs[0][1] else recipient.lower()
 
 
-def _send_smtp(message: EmailMessage, smtp: SmtpSettings) -> None:
-    client_class = smtplib.SMTP_SSL if smtp.use_ssl else smtplib.SMTP
-    with client_class(smtp.host, smtp.port, timeout=smtp.timeout) as client:
-        if smtp.starttls and not smtp.use_ssl:
-            client.starttls(context=ssl.create_default_context())
-            client.ehlo()
-        if smtp.login and smtp.password:
-            client.login(smtp.login, smtp.password)
-        client.send_message(message)
+def _resolve_outbox(
+    connection: duckdb.DuckDBPyConnection, entry: EmailLogEntry
+) -> EmailLogEntry | None:
+    """A 'sending' row of the outbox backend: its file says whether it was sent. None: it was not
+    (the row is removed, as after any send that certainly failed)."""
+    prefix = "outbox:"
+    if entry.status != SENDING or not entry.backend.startswith(prefix):
+        return entry
+    path = mail.outbox_path(Path(entry.backend[len(prefix) :]), entry.recipient, entry.message_id)
+    written = path.exists()
+    log.info(
+        "Stats email %s to %s was being written to the outbox when a run stopped: %s",
+        entry.message_id,
+        entry.recipient,
+        f"{path} is there, so it was sent" if written else "no file, so it was not sent",
+    )
+    if not written:
+        email_log.forget(connection, entry)
+        return None
+    email_log.mark_sent(connection, entry)
+    return replace(entry, status=SENT)
+
+
+def _plan(
+    history: list[EmailLogEntry],
+    recipient: Recipient,
+    day: DayStats,
+    *,
+    domain: str,
+    backend: str,
+) -> _Plan:
+    """What to send `recipient`, given its earlier ledger rows for the date (oldest first)."""
+    content_hash = day.content_hash()
+    latest = history[-1] if history else None
+    if latest is not None and latest.content_hash == content_hash:
+        if latest.status == SENT:
+            return _Plan(recipient, latest, "unchanged")
+        # 'sending': an earlier send may have gone out; the same Message-ID again.
+        earlier = [e.message_id for e in history[:-1]]
+        entry = replace(latest, backend=backend)
+        return _Plan(recipient, entry, "retry", earlier, maybe_delivered=True)
+    # Every earlier row went out or may have: the new email replaces them.
+    replaces = [e.message_id for e in history]
+    revision = latest.revision + 1 if latest else 1
+    entry = EmailLogEntry(
+        event_date=day.event_date,
+        recipient=recipient.address,
+        revision=revision,
+        content_hash=content_hash,
+        message_id=message_id(day, revision, domain),
+        supersedes=replaces[-1] if replaces else None,
+        total_events=day.total_events,
+        users=day.users,
+        backend=backend,
+    )
+    return _Plan(recipient, entry, "new", replaces)
+
+
+def _plans(
+    connection: duckdb.DuckDBPyConnection,
+    day: DayStats,
+    recipients: list[Recipient],
+    *,
+    domain: str,
+    backend: str,
+) -> list[_Plan]:
+    resolved = [
+        _resolve_outbox(connection, e) for e in email_log.entries(connection, day.event_date)
+    ]
+    rows = [e for e in resolved if e is not None]
+    plans = []
+    for recipient in recipients:
+        history = [e for e in rows if _ledger_key(e.recipient) == recipient.address]
+        history.sort(key=lambda e: e.revision)
+        plans.append(_plan(history, recipient, day, domain=domain, backend=backend))
+    return plans
+
+
+def _record_outcome(
+    connection: duckdb.DuckDBPyConnection, plan: _Plan, error: mail.MailDeliveryError | None
+) -> None:
+    """Best effort: the email's fate is decided; a ledger that cannot record it is a warning."""
+    entry = plan.entry
+    try:
+        if error is None:
+            email_log.mark_sent(connection, entry)
+        elif error.maybe_delivered or plan.maybe_delivered:
+            email_log.mark_unknown(connection, entry, str(error))
+        else:
+            email_log.forget(connection, entry)
+    except duckdb.Error as failure:
+        log.warning(
+            "Stats email %s to %s: %s, but ops.email_log could not record it (%s). A rerun "
+            "finds the row 'sending': the outbox backend looks for its file and sends nothing "
+            "if it is there; over SMTP it resends with the same Message-ID.",
+            entry.message_id,
+            entry.recipient,
+            "sent" if error is None else "not sent",
+            failure,
+        )
+
+
+def _send_one(
+    connection: duckdb.DuckDBPyConnection,
+    plan: _Plan,
+    day: DayStats,
+    *,
+    sender: str,
+    smtp: SmtpSettings | None,
+    outbox_dir: Path,
+) -> SendResult:
+    entry = plan.entry
+    if plan.action == "unchanged":
+        log.info(
+            "Stats email %s to %s unchanged; not sent again", entry.message_id, entry.recipient
+        )
+        return _result(entry, STATUS_UNCHANGED)
+    if plan.maybe_delivered:
+        log.warning(
+            "Stats email %s to %s may have been delivered by an earlier attempt (it stopped "
+            "after the message was handed to the server); resending it with the same "
+            "Message-ID, which mail clients treat as the same message.",
+            entry.message_id,
+            entry.recipient,
+        )
+    message = compose_email(
+        day,
+        sender=sender,
+        recipient=plan.recipient.formatted(),
+        message_id=entry.message_id,
+        replaces=plan.replaces,
+    )
+    try:
+        where = mail.deliver(message, smtp=smtp, outbox_dir=outbox_dir)
+    except mail.MailDeliveryError as error:
+        _record_outcome(connection, plan, error)
+        raise
+    _record_outcome(connection, plan, None)
+    log.info("Stats email %s to %s sent via %s", entry.message_id, entry.recipient, where)
+    return _result(entry, STATUS_RESENT if plan.maybe_delivered else STATUS_SENT)
+
+
+def _result(entry: EmailLogEntry, status: str) -> SendResult:
+    return SendResult(
+        entry.event_date,
+        entry.recipient,
+        status,
+        entry.message_id,
+        entry.revision,
+        entry.backend,
+        entry.supersedes,
+    )
 
 
 def send_stats(
     event_date: date,
     *,
     warehouse_path: Path | None = None,
-    recipients: list[str] | None = None,
+    recipients: str | list[str] | None = None,
     sender: str | None = None,
     outbox_dir: Path | None = None,
     smtp: SmtpSettings | None = None,
 ) -> list[SendResult]:
     """Email `event_date`'s stats to every recipient that has not received this content yet.
 
-    Reads analytics.event_stats (never writes it); writes one ops.email_log row per email sent,
-    after the send succeeded. Raises on a send failure; a retry sends only what is missing.
+    `recipients`: address lists as in $EMAIL_TO (the default). Reads analytics.event_stats (never
+    writes it); keeps ops.email_log. Every recipient is tried; if any email failed, raises
+    SendStatsError after the others went out, and a retry sends only what is missing.
     """
-    recipients = recipients if recipients is not None else settings.email_to()
-    if not recipients:
+    if recipients is None:
+        targets = mail.parse_recipients(settings.email_to(), source="EMAIL_TO")
+    else:
+        targets = mail.parse_recipients(recipients, source="the recipients")
+    if not targets:
         raise ValueError(f"No recipients for the stats email of {event_date}: set EMAIL_TO.")
     sender = sender or (smtp.from_email if smtp and smtp.from_email else settings.email_from())
+    domain = mail.sender_domain(sender)
     outbox_dir = outbox_dir or settings.email_outbox_dir()
-    domain = sender.rpartition("@")[2] or "localhost"
     backend = smtp.describe() if smtp else f"outbox:{outbox_dir}"
 
-    with warehouse.connect(warehouse_path, read_only=False) as connection:
-        ensure_email_log(connection)
-        stats = read_day_stats(connection, event_date)
-        history = {
-            recipient: _ledger(connection, event_date, recipient) for recipient in recipients
-        }
-    content_hash = stats.content_hash()
-
-    results = []
-    for recipient in recipients:
-        earlier = history[recipient]
-        if earlier and earlier[-1][1] == content_hash:
-            log.info("Stats email for %s to %s unchanged; not sent again", event_date, recipient)
-            results.append(
-                SendResult(event_date, recipient, "unchanged", earlier[-1][2], earlier[-1][0], "")
-            )
-            continue
-        revision = earlier[-1][0] + 1 if earlier else 1
-        msg_id = message_id(stats, revision, domain)
-        replaces = [row[2] for row in earlier]
-        message = compose_email(
-            stats, sender=sender, recipient=recipient, message_id=msg_id, replaces=replaces
+    results: list[SendResult] = []
+    failures: list[str] = []
+    with warehouse.connect(warehouse_path) as connection:
+        day = read_built_stats(connection, event_date)  # before any write: a refusal writes nothing
+        email_log.ensure_email_log(connection)
+        plans = _plans(connection, day, targets, domain=domain, backend=backend)
+        email_log.record_intents(
+            connection,
+            new=[p.entry for p in plans if p.action == "new"],
+            retried=[p.entry for p in plans if p.action == "retry"],
         )
-        if smtp:
-            _send_smtp(message, smtp)
-            where = backend
-        else:
-            safe = re.sub(r"[^A-Za-z0-9._-]", "_", recipient)
-            where = str(_write_outbox(message, outbox_dir, f"{event_date}_{safe}_r{revision}.eml"))
-        # The ledger row only after the send succeeded.
-        with warehouse.connect(warehouse_path) as connection:
-            ensure_email_log(connection)
-            connection.execute(
-                """
-                insert into ops.email_log (
-                    event_date, recipient, revision, content_hash, message_id, supersedes,
-                    total_events, users, backend, sent_at
+        for plan in plans:
+            try:
+                results.append(
+                    _send_one(
+                        connection, plan, day, sender=sender, smtp=smtp, outbox_dir=outbox_dir
+                    )
                 )
-                values (?, ?, ?, ?, ?, ?, ?, ?, ?, now())
-                """,
-                [
-                    event_date,
-                    recipient,
-                    revision,
-                    content_hash,
-                    msg_id,
-                    replaces[-1] if replaces else None,
-                    stats.total_events,
-                    stats.users,
-                    backend,
-                ],
-            )
-        log.info("Stats email for %s sent to %s via %s (%s)", event_date, recipient, where, msg_id)
-        results.append(
-            SendResult(
-                event_date,
-                recipient,
-                "sent",
-                msg_id,
-                revision,
-                backend,
-                replaces[-1] if replaces else None,
-            )
+            except mail.MailDeliveryError as error:
+                failures.append(str(error))
+    if failures:
+        raise SendStatsError(
+            f"The stats email for {event_date} was not sent to {len(failures)} of "
+            f"{len(plans)} recipient(s):\n- " + "\n- ".join(failures),
+            results,
         )
     return results

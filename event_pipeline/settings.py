@@ -46,13 +46,15 @@ def loader_memory_limit() -> str:
     return os.environ.get("LOADER_MEMORY_LIMIT", "1GB")
 
 
-def email_to() -> list[str]:
-    """Recipients of the daily stats email (comma-separated in $EMAIL_TO)."""
-    raw = os.environ.get("EMAIL_TO", "stats@example.com")
-    return [address.strip() for address in raw.split(",") if address.strip()]
+def email_to() -> str:
+    """Recipients of the daily stats email: $EMAIL_TO, an address list as in a To header
+    (`a@x.com, "Doe, John" <j@x.com>`). Parse it with mail.parse_recipients."""
+    return os.environ.get("EMAIL_TO", "stats@example.com")
 
 
 def email_from() -> str:
+    """Sender of the stats email, e.g. `Event Stats <stats@example.com>` (the Message-ID's
+    domain is its address's domain). An SMTP connection's from_email extra takes precedence."""
     return os.environ.get("EMAIL_FROM", "event-stats@localhost")
 
 

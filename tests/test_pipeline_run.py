@@ -59,7 +59,7 @@ def test_run_prints_a_summary_per_date_and_a_second_run_changes_nothing(run_env)
         [row] = [line for line in lines if line.startswith(day) and "success" in line]
         assert "sent (revision 1)" in row
     assert "2026-02-03" not in first.stdout.split("date")[-1]  # end is exclusive
-    assert "uv run duckdb" in first.stdout and "analytics.event_stats" in first.stdout
+    assert "uv run event-stats sql" in first.stdout and "analytics.event_stats" in first.stdout
     assert not _port_in_use(port), "the events API it started is still running"
     emails = sorted(Path(run_env["EMAIL_OUTBOX_DIR"]).glob("*.eml"))
     assert len(emails) == 2

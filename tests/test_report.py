@@ -1,63 +1,32 @@
-"""The stats email: content, exactly-once ledger, updates, outbox and a real SMTP server."""
+"""The stats email: content, recipients, Message-IDs, built dates, the once-only ledger, updates."""
 
 from __future__ import annotations
 
-import email
-import email.policy
 from datetime import date
-from email.message import EmailMessage
+from email.headerregistry import Address
 from pathlib import Path
 
 import duckdb
 import pytest
+from report_fixtures import (  # noqa: F401 (stats_db_fixture is the stats_db fixture)
+    DAY,
+    OTHER_DAY,
+    bodies,
+    read_eml,
+    stats_db_fixture,
+    table,
+    write_stats,
+)
 from smtp_fixtures import smtp_server_fixture  # noqa: F401 (the smtp_server fixture)
 
-from event_pipeline import report
+from event_pipeline import mail, report
 from event_pipeline.report import send_stats
 
-DAY = date(2026, 1, 5)
 
-
-def write_stats(path: Path, rows: list[tuple[date, str, int]]) -> None:
-    """Replace analytics.event_stats with `rows` (the dbt model's output shape)."""
-    with duckdb.connect(str(path)) as connection:
-        connection.execute("create schema if not exists analytics")
-        connection.execute(
-            "create or replace table analytics.event_stats "
-            "(event_date date, user_id varchar, event_count bigint)"
-        )
-        if rows:
-            connection.executemany("insert into analytics.event_stats values (?, ?, ?)", rows)
-
-
-def table(path: Path, sql: str) -> list[tuple]:
-    with duckdb.connect(str(path), read_only=True) as connection:
-        return connection.execute(sql).fetchall()
-
-
-def read_eml(path: Path) -> EmailMessage:
-    return email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
-
-
-def bodies(message: EmailMessage) -> tuple[str, str]:
-    text = message.get_body(("plain",)).get_content()
-    body_html = message.get_body(("html",)).get_content()
-    return text, body_html
-
-
-@pytest.fixture
-def stats_db(tmp_path: Path) -> Path:
-    path = tmp_path / "warehouse.duckdb"
-    write_stats(
-        path,
-        [
-            (DAY, "10.0.0.1", 5),
-            (DAY, "10.0.0.2", 12),
-            (DAY, "10.0.0.3", 1),
-            (date(2026, 1, 6), "10.0.0.9", 99),  # another date: must not appear
-        ],
-    )
-    return path
+def message_id_of(header: object) -> str:
+    """A Message-ID header parsed as RFC 5322 msg-id: fails on defects (malformed IDs)."""
+    assert not header.defects, (str(header), header.defects)
+    return str(header).strip()
 
 
 def test_outbox_email_has_date_totals_top_users_text_and_html(stats_db: Path, tmp_path: Path):
@@ -81,9 +50,10 @@ def test_outbox_email_has_date_totals_top_users_text_and_html(stats_db: Path, tm
     assert "10.0.0.9" not in text
     assert "<table" in body_html and "<td>10.0.0.2</td>" in body_html
     ledger = table(
-        stats_db, "select event_date, recipient, revision, message_id from ops.email_log"
+        stats_db,
+        "select event_date, recipient, revision, message_id, status, attempts from ops.email_log",
     )
-    assert ledger == [(DAY, "a@example.com", 1, result.message_id)]
+    assert ledger == [(DAY, "a@example.com", 1, result.message_id, "sent", 1)]
 
 
 def test_rerun_with_unchanged_stats_sends_nothing(stats_db: Path, tmp_path: Path):
@@ -101,11 +71,16 @@ def test_rerun_with_unchanged_stats_sends_nothing(stats_db: Path, tmp_path: Path
     assert table(stats_db, "select count(*) from ops.email_log") == [(1,)]
 
 
-def test_changed_stats_send_an_update_that_replaces_the_earlier_email(
+def test_changed_stats_send_an_update_that_replaces_and_threads_the_earlier_email(
     stats_db: Path, tmp_path: Path
 ):
     outbox = tmp_path / "outbox"
-    kwargs = dict(warehouse_path=stats_db, recipients=["a@example.com"], outbox_dir=outbox)
+    kwargs = dict(
+        warehouse_path=stats_db,
+        recipients=["a@example.com"],
+        outbox_dir=outbox,
+        sender="Event Stats <stats@example.com>",
+    )
     [first] = send_stats(DAY, **kwargs)
     write_stats(stats_db, [(DAY, "10.0.0.1", 5), (DAY, "10.0.0.2", 13)])  # late data arrived
 
@@ -115,9 +90,14 @@ def test_changed_stats_send_an_update_that_replaces_the_earlier_email(
     assert update.status == "sent" and update.revision == 2
     assert update.message_id != first.message_id
     assert update.supersedes == first.message_id
-    message = read_eml(outbox / "2026-01-05_a_example.com_r2.eml")
-    assert message["Supersedes"] == first.message_id
-    assert first.message_id in message["References"]
+    original = read_eml(mail.outbox_path(outbox, "a@example.com", first.message_id))
+    message = read_eml(mail.outbox_path(outbox, "a@example.com", update.message_id))
+    first_id = message_id_of(original["Message-ID"])
+    assert first_id == first.message_id
+    # Threading: the update answers the first email (parsed headers, not substrings).
+    assert message_id_of(message["In-Reply-To"]) == first_id
+    assert str(message["References"]).split() == [first_id]
+    assert message["Supersedes"] == first_id
     assert message["Subject"].startswith("[Updated]")
     text, _ = bodies(message)
     assert "replaces the earlier stats email for 2026-01-05" in text
@@ -126,16 +106,138 @@ def test_changed_stats_send_an_update_that_replaces_the_earlier_email(
     assert table(stats_db, "select revision from ops.email_log order by revision") == [(1,), (2,)]
 
 
-def test_an_empty_day_gets_a_short_email(stats_db: Path, tmp_path: Path):
+def test_message_id_domain_is_the_sender_address_domain(stats_db: Path, tmp_path: Path):
+    outbox = tmp_path / "outbox"
+    [result] = send_stats(
+        DAY,
+        warehouse_path=stats_db,
+        recipients=["a@example.com"],
+        outbox_dir=outbox,
+        sender="Event Stats <stats@Example.com>",
+    )
+
+    [eml] = outbox.glob("*.eml")
+    message = read_eml(eml)
+    parsed = message_id_of(message["Message-ID"])
+    assert parsed == result.message_id
+    local, _, domain = parsed.strip("<>").partition("@")
+    assert domain == "example.com"
+    assert "@" not in local and " " not in parsed and parsed.count("<") == 1
+    assert message["From"].addresses[0] == Address("Event Stats", "stats", "Example.com")
+
+
+def test_an_invalid_sender_is_refused_before_anything_is_sent(stats_db: Path, tmp_path: Path):
+    with pytest.raises(mail.InvalidAddressError, match="sender 'Event Stats <stats@>'"):
+        send_stats(
+            DAY,
+            warehouse_path=stats_db,
+            recipients=["a@example.com"],
+            outbox_dir=tmp_path,
+            sender="Event Stats <stats@>",
+        )
+    assert list(tmp_path.glob("*.eml")) == []
+
+
+def test_a_quoted_name_with_a_comma_is_one_recipient(stats_db: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("EMAIL_TO", '"Doe, John" <j@example.com>, b@example.com')
+    outbox = tmp_path / "outbox"
+
+    results = send_stats(DAY, warehouse_path=stats_db, outbox_dir=outbox)
+
+    assert [r.recipient for r in results] == ["j@example.com", "b@example.com"]
+    to = sorted(str(read_eml(eml)["To"]) for eml in outbox.glob("*.eml"))
+    assert to == ['"Doe, John" <j@example.com>', "b@example.com"]
+    assert table(stats_db, "select recipient from ops.email_log order by 1") == [
+        ("b@example.com",),
+        ("j@example.com",),
+    ]
+
+
+@pytest.mark.parametrize(
+    "email_to",
+    ["a@example.com, a@example.com", "a@example.com, Alice <A@Example.COM>"],
+    ids=["same", "differing-case-and-name"],
+)
+def test_a_recipient_listed_twice_is_sent_once(stats_db: Path, tmp_path: Path, email_to: str):
+    outbox = tmp_path / "outbox"
+
+    results = send_stats(DAY, warehouse_path=stats_db, recipients=email_to, outbox_dir=outbox)
+    again = send_stats(DAY, warehouse_path=stats_db, recipients=email_to, outbox_dir=outbox)
+
+    assert [(r.recipient, r.status) for r in results] == [("a@example.com", "sent")]
+    assert [r.status for r in again] == ["unchanged"]
+    assert len(list(outbox.glob("*.eml"))) == 1
+    assert table(stats_db, "select recipient from ops.email_log") == [("a@example.com",)]
+
+
+@pytest.mark.parametrize("bad", ["not-an-address", "a b@example.com", "x@", "a@example.com;b@x"])
+def test_an_invalid_recipient_is_refused_naming_it(stats_db: Path, tmp_path: Path, bad: str):
+    with pytest.raises(mail.InvalidAddressError, match="Invalid email address") as error:
+        send_stats(
+            DAY,
+            warehouse_path=stats_db,
+            recipients=f"ok@example.com, {bad}",
+            outbox_dir=tmp_path,
+        )
+    assert bad in str(error.value)
+    assert list(tmp_path.glob("*.eml")) == []
+    assert ("email_log",) not in table(stats_db, "select table_name from duckdb_tables()")
+
+
+def test_recipients_differing_only_in_plus_and_underscore_each_get_their_file(
+    stats_db: Path, tmp_path: Path
+):
+    outbox = tmp_path / "outbox"
+    recipients = "a+b@example.com, a_b@example.com, a-b@example.com"
+
+    results = send_stats(DAY, warehouse_path=stats_db, recipients=recipients, outbox_dir=outbox)
+
+    assert [r.status for r in results] == ["sent"] * 3
+    to = sorted(str(read_eml(eml)["To"]) for eml in outbox.glob("*.eml"))
+    assert to == ["a+b@example.com", "a-b@example.com", "a_b@example.com"]
+
+
+def test_a_built_empty_day_gets_a_short_email(stats_db: Path, tmp_path: Path):
     outbox = tmp_path / "outbox"
     empty_day = date(2026, 1, 7)
+    write_stats(stats_db, [(DAY, "10.0.0.1", 5)], built=(empty_day,))  # built, no events
+
     [result] = send_stats(
         empty_day, warehouse_path=stats_db, recipients=["a@example.com"], outbox_dir=outbox
     )
-    message = read_eml(outbox / f"{empty_day}_a_example.com_r1.eml")
+
+    message = read_eml(mail.outbox_path(outbox, "a@example.com", result.message_id))
     assert result.status == "sent"
     assert "0 events from 0 users" in message["Subject"]
     assert "No events were recorded" in bodies(message)[0]
+
+
+def test_a_date_never_built_is_refused_and_nothing_is_sent(stats_db: Path, tmp_path: Path):
+    never_built = date(2026, 1, 8)  # other dates are built; this one never was
+
+    with pytest.raises(report.StatsNotBuiltError, match="2026-01-08 were never built"):
+        send_stats(
+            never_built, warehouse_path=stats_db, recipients=["a@example.com"], outbox_dir=tmp_path
+        )
+
+    assert list(tmp_path.glob("*.eml")) == []
+    assert ("email_log",) not in table(stats_db, "select table_name from duckdb_tables()")
+
+
+def test_a_warehouse_without_any_build_is_refused(tmp_path: Path):
+    path = tmp_path / "empty.duckdb"
+    with pytest.raises(report.StatsNotBuiltError, match="2026-01-05 were never built"):
+        send_stats(DAY, warehouse_path=path, recipients=["a@example.com"], outbox_dir=tmp_path)
+    assert list(tmp_path.glob("*.eml")) == []
+
+
+def test_stats_changed_outside_dbt_are_refused(stats_db: Path, tmp_path: Path):
+    with duckdb.connect(str(stats_db)) as connection:
+        connection.execute("delete from analytics.event_stats where user_id = '10.0.0.3'")
+
+    with pytest.raises(report.StatsNotBuiltError, match="changed outside dbt"):
+        send_stats(DAY, warehouse_path=stats_db, recipients=["a@example.com"], outbox_dir=tmp_path)
+    assert list(tmp_path.glob("*.eml")) == []
 
 
 def test_a_new_recipient_gets_the_email_once_and_others_not_again(stats_db: Path, tmp_path: Path):
@@ -153,10 +255,44 @@ def test_a_new_recipient_gets_the_email_once_and_others_not_again(stats_db: Path
     ]
 
 
-def test_missing_stats_table_names_the_date(tmp_path: Path):
-    path = tmp_path / "empty.duckdb"
-    with pytest.raises(RuntimeError, match="2026-01-05.*analytics.event_stats does not exist"):
-        send_stats(DAY, warehouse_path=path, recipients=["a@example.com"], outbox_dir=tmp_path)
+def test_an_older_ledger_is_upgraded_and_its_emails_still_count(stats_db: Path, tmp_path: Path):
+    """A ledger written before intent rows (no status column, sent_at not null, recipients as
+    configured, display name included) is upgraded in place and keeps its meaning."""
+    outbox = tmp_path / "outbox"
+    [sent] = send_stats(DAY, warehouse_path=stats_db, recipients="a@example.com", outbox_dir=outbox)
+    with duckdb.connect(str(stats_db)) as connection:
+        connection.execute("alter table ops.email_log rename to email_log_new")
+        connection.execute(
+            """
+            create table ops.email_log (
+                event_date date not null, recipient varchar not null, revision integer not null,
+                content_hash varchar not null, message_id varchar not null, supersedes varchar,
+                total_events bigint not null, users bigint not null, backend varchar not null,
+                sent_at timestamp not null, primary key (event_date, recipient, revision)
+            );
+            insert into ops.email_log
+            select event_date, 'Alice <A@Example.com>', revision, content_hash, message_id,
+                supersedes, total_events, users, backend, now()::timestamp
+            from ops.email_log_new;
+            drop table ops.email_log_new;
+            """
+        )
+
+    [again] = send_stats(
+        DAY, warehouse_path=stats_db, recipients="a@example.com", outbox_dir=outbox
+    )
+    write_stats(stats_db, [(DAY, "10.0.0.1", 6)])
+    [update] = send_stats(
+        DAY, warehouse_path=stats_db, recipients="a@example.com", outbox_dir=outbox
+    )
+
+    assert again.status == "unchanged" and again.message_id == sent.message_id
+    assert update.revision == 2 and update.supersedes == sent.message_id
+    rows = table(
+        stats_db,
+        "select recipient, revision, status, sent_at is not null from ops.email_log order by 2",
+    )
+    assert rows == [("Alice <A@Example.com>", 1, "sent", True), ("a@example.com", 2, "sent", True)]
 
 
 def test_smtp_delivers_the_same_message(stats_db: Path, smtp_server, tmp_path: Path):
@@ -169,25 +305,3 @@ def test_smtp_delivers_the_same_message(stats_db: Path, smtp_server, tmp_path: P
     assert "2026-01-05" in received["Subject"]
     assert result.backend == f"smtp://127.0.0.1:{smtp.port}"
     assert list(tmp_path.glob("*.eml")) == []  # SMTP replaces the outbox
-
-
-def test_smtp_rejection_leaves_stats_and_ledger_intact_and_a_retry_sends_once(
-    stats_db: Path, smtp_server, tmp_path: Path
-):
-    recorder, smtp = smtp_server
-    stats_before = table(stats_db, "select * from analytics.event_stats order by all")
-    kwargs = dict(warehouse_path=stats_db, recipients=["a@example.com"], smtp=smtp)
-
-    recorder.reject = True
-    with pytest.raises(report.smtplib.SMTPRecipientsRefused):
-        send_stats(DAY, **kwargs)
-    assert recorder.messages == []
-    assert table(stats_db, "select count(*) from ops.email_log") == [(0,)]
-    assert table(stats_db, "select * from analytics.event_stats order by all") == stats_before
-
-    recorder.reject = False
-    [retry] = send_stats(DAY, **kwargs)
-    [again] = send_stats(DAY, **kwargs)
-    assert retry.status == "sent" and again.status == "unchanged"
-    assert len(recorder.messages) == 1
-    assert table(stats_db, "select count(*) from ops.email_log") == [(1,)]

@@ -1,4 +1,4 @@
-"""The one place that opens the DuckDB warehouse.
+"""The warehouse: the one home of warehouse SQL. This module opens the DuckDB file.
 
 DuckDB allows one process to hold a database file at a time. `connect` waits, with a bounded
 retry, while another process (a load, dbt, a user's SQL shell) holds the lock, then fails with a

@@ -1,122 +1,27 @@
-"""analytics.event_stats built by real dbt runs on a temp warehouse.
-
-Every dbt run is real (in-process dbtRunner on dbt_project/). dbt re-parses the project whenever
-its vars, profile (the warehouse path included) or files change (about 3 s). To keep the suite
-short, all tests use the same warehouse path (the file is recreated for each test) and every set
-of vars gets its own target directory for the session, so dbt's partial parse applies when a
-test repeats the vars of an earlier one: exactly what it does for a person rerunning a command.
-"""
+"""analytics.event_stats built by real dbt runs on a temp warehouse (see stats_warehouse.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
+from stats_warehouse import (
+    D1,
+    D2,
+    D3,
+    D4,
+    Warehouse,
+    day_events,
+    fill,
+    stats_of,
+    stats_outside,
+    vars_key,
+)
 
 from event_pipeline import warehouse
-from event_pipeline.dbt_config import DbtRunError, date_vars, format_vars, run_dbt
-
-Stats = list[tuple[date, str, int]]
-
-
-def _vars_key(dbt_vars: Mapping[str, Any] | None) -> str:
-    return hashlib.sha256(format_vars(dbt_vars or {}).encode()).hexdigest()[:12]
-
-
-@dataclass
-class Warehouse:
-    """A test warehouse: fill raw.events, run dbt, read analytics.event_stats."""
-
-    path: Path
-    dbt_dir: Path
-
-    def add_events(self, events: Iterable[tuple[str, str, datetime]]) -> None:
-        """Insert (event_id, user_id, event_at UTC) rows into raw.events."""
-        rows = [
-            (event_id, user, "click", at, at.date(), "test-load") for event_id, user, at in events
-        ]
-        with warehouse.connect(self.path) as connection:
-            connection.executemany("insert into raw.events values (?, ?, ?, ?, ?, ?)", rows)
-
-    def execute(self, sql: str, parameters: list[Any] | None = None) -> list[tuple]:
-        with warehouse.connect(self.path) as connection:
-            return connection.execute(sql, parameters or []).fetchall()
-
-    def dbt(self, *args: str, dbt_vars: Mapping[str, Any] | None = None) -> None:
-        target = self.dbt_dir / f"target-{_vars_key(dbt_vars)}"
-        run_dbt(
-            [*args, "--quiet", "--target-path", str(target), "--log-path", str(self.dbt_dir)],
-            dbt_vars=dbt_vars,
-            warehouse_path=self.path,
-        )
-
-    def build(self, dbt_vars: Mapping[str, Any] | None = None, *args: str) -> None:
-        self.dbt("build", *args, dbt_vars=dbt_vars)
-
-    def stats(self) -> Stats:
-        return self.execute(
-            "select event_date, user_id, event_count from analytics.event_stats "
-            "order by event_date, user_id"
-        )
-
-    def expected_stats(self) -> Stats:
-        """What analytics.event_stats must hold for every date: counted here in Python."""
-        rows = self.execute("select event_date, user_id from raw.events")
-        return sorted((day, user, count) for (day, user), count in Counter(rows).items())
-
-
-def stats_of(stats: Stats, *days: date) -> Stats:
-    return [row for row in stats if row[0] in days]
-
-
-def stats_outside(stats: Stats, *days: date) -> Stats:
-    return [row for row in stats if row[0] not in days]
-
-
-@pytest.fixture(scope="session")
-def dbt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("dbt")
-
-
-@pytest.fixture
-def wh(dbt_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Warehouse:
-    """An empty warehouse (raw.events and no stats table) at the session's warehouse path."""
-    path = dbt_dir / "warehouse.duckdb"
-    for stale in (path, path.with_name(path.name + ".wal")):
-        stale.unlink(missing_ok=True)
-    monkeypatch.setenv("WAREHOUSE_PATH", str(path))
-    with warehouse.connect(path) as connection:
-        warehouse.ensure_raw_schema(connection)
-    return Warehouse(path=path, dbt_dir=dbt_dir)
-
-
-D1, D2, D3, D4 = (date(2024, 3, day) for day in (1, 2, 3, 4))
-
-
-def day_events(day: date, counts: dict[str, int], prefix: str = "e") -> list:
-    """counts[user] events of each user on `day`, spread over the day (last one at 23:59:59)."""
-    start = datetime(day.year, day.month, day.day)
-    events = []
-    for user, count in counts.items():
-        for n in range(count):
-            at = start + timedelta(hours=(7 * n) % 24, seconds=n)
-            events.append((f"{prefix}-{day}-{user}-{n}", user, at))
-    events.append((f"{prefix}-{day}-late-night", "u1", start + timedelta(seconds=86399)))
-    return events
-
-
-def fill(wh: Warehouse) -> None:
-    """Three dates of raw events; D4 has none."""
-    wh.add_events(day_events(D1, {"u1": 3, "u2": 1}))
-    wh.add_events(day_events(D2, {"u1": 2, "u2": 4, "u3": 1}))
-    wh.add_events(day_events(D3, {"u2": 5}))
+from event_pipeline.dbt_config import DbtRunError, date_vars, run_dbt
 
 
 def test_first_build_without_vars_counts_every_date(wh: Warehouse) -> None:
@@ -291,7 +196,7 @@ def test_docs_generate_describes_every_column_of_every_model(wh: Warehouse) -> N
     wh.build()
     wh.dbt("docs", "generate")
 
-    target = next(wh.dbt_dir.glob(f"target-{_vars_key(None)}"))
+    target = next(wh.dbt_dir.glob(f"target-{vars_key(None)}"))
     manifest = json.loads((target / "manifest.json").read_text())
     catalog = json.loads((target / "catalog.json").read_text())
     models = [n for n in manifest["nodes"].values() if n["resource_type"] in ("model", "seed")]
@@ -382,3 +287,93 @@ def test_cosmos_configs_point_at_this_repository(monkeypatch: pytest.MonkeyPatch
     assert str(project.manifest_path) == str(dbt_config.dbt_manifest())
     assert dbt_config.dbt_manifest().is_relative_to(settings.REPO_ROOT / "dbt_project" / "target")
     assert dbt_config.render_config(load_method=LoadMode.DBT_LS).load_method == LoadMode.DBT_LS
+
+
+# --- ops.build_log ------------------------------------------------------------------------
+
+BuildLog = list[tuple[date, int, int]]
+
+
+def build_log(wh: Warehouse) -> BuildLog:
+    """(event_date, users, events) of every ops.build_log row, in order."""
+    return wh.execute("select event_date, users, events from ops.build_log order by all")
+
+
+def invocations(wh: Warehouse) -> list[str]:
+    rows = wh.execute("select distinct invocation_id from ops.build_log order by built_at")
+    return [row[0] for row in rows]
+
+
+def test_build_log_has_every_date_of_the_vars_range_including_an_empty_one(wh: Warehouse) -> None:
+    fill(wh)
+    wh.build(date_vars(D2, D4 + timedelta(days=1)))
+
+    assert build_log(wh) == [(D2, 3, 8), (D3, 2, 6), (D4, 0, 0)]
+    [(invocation, built_at)] = wh.execute(
+        "select distinct invocation_id, built_at from ops.build_log"
+    )
+    assert len(invocation) == 36 and isinstance(built_at, datetime)
+    columns = wh.execute(
+        "select column_name, data_type from information_schema.columns "
+        "where table_schema = 'ops' and table_name = 'build_log' order by ordinal_position"
+    )
+    assert columns == [
+        ("event_date", "DATE"),
+        ("invocation_id", "VARCHAR"),
+        ("users", "BIGINT"),
+        ("events", "BIGINT"),
+        ("built_at", "TIMESTAMP"),
+    ]
+
+
+def test_build_log_gets_one_row_per_date_per_build(wh: Warehouse) -> None:
+    fill(wh)
+    wh.build(date_vars(D2))
+    wh.build(date_vars(D2))
+
+    assert build_log(wh) == [(D2, 3, 8), (D2, 3, 8)]
+    assert len(invocations(wh)) == 2
+
+
+def test_build_log_without_vars_has_every_raw_date_and_every_vanished_date(
+    wh: Warehouse,
+) -> None:
+    fill(wh)
+    wh.build()
+    assert build_log(wh) == [(D1, 2, 5), (D2, 3, 8), (D3, 2, 6)]
+    first = invocations(wh)
+    wh.execute("delete from raw.events where event_date = ?", [D1])
+    wh.add_events(day_events(D4, {"u4": 2}))
+
+    wh.build()
+
+    [second] = [i for i in invocations(wh) if i not in first]
+    latest = wh.execute(
+        "select event_date, users, events from ops.build_log where invocation_id = ? order by all",
+        [second],
+    )
+    assert latest == [(D1, 0, 0), (D2, 3, 8), (D3, 2, 6), (D4, 2, 3)]
+
+
+def test_a_failure_after_the_build_log_insert_keeps_the_old_stats_and_log(
+    project_copy: tuple[Path, Warehouse],
+) -> None:
+    """The ledger rows and the publish are one transaction: dbt-duckdb runs the post-hook
+    between the publish and COMMIT, so a failure after the ledger insert rolls back both."""
+    project, wh = project_copy
+    fill(wh)
+    wh.build()
+    before, log_before = wh.stats(), build_log(wh)
+    model = project / "models" / "marts" / "event_stats.sql"
+    hook = '"{{ write_build_log() }}",'
+    assert hook in model.read_text()
+    model.write_text(
+        model.read_text().replace(hook, hook + "\n\"select error('failed after the log')\",")
+    )
+    wh.add_events(day_events(D2, {"u8": 2}, prefix="late"))
+
+    with pytest.raises(DbtRunError, match="failed after the log"):
+        wh.build(date_vars(D2))
+
+    assert wh.stats() == before
+    assert build_log(wh) == log_before

@@ -3,6 +3,8 @@
     [var start_date, var end_date) is replaced whole, including dates that became empty in raw
     (meta.replace_where, see macros/delete_insert_replace_where.sql); other dates are not touched.
     Without vars every date is processed, so the table is made equal to raw.events.
+    The post-hook records the build in ops.build_log, in the publish's transaction
+    (macros/build_log.sql).
 #}
 {{- forbid_full_refresh_with_date_range() }}
 {{
@@ -12,6 +14,10 @@
         unique_key='event_date',
         on_schema_change='fail',
         meta={'replace_where': processed_dates_filter('event_date')},
+        pre_hook="{{ remember_replaced_dates() }}",
+        post_hook=[
+            "{{ write_build_log() }}",
+        ],
     )
 }}
 
