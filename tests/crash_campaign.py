@@ -80,12 +80,13 @@ SMTP_DATE = DAY + timedelta(days=1)
 class Sizes:
     old_events_per_day: int
     new_events_per_day: int
-    recipients: int
+    outbox_recipients: int
+    smtp_recipients: int
     smtp_accept_delay: float  # seconds the SMTP server takes between DATA and its 250 reply
 
 
-FULL = Sizes(400_000, 440_000, 30, 0.1)
-QUICK = Sizes(20_000, 22_000, 12, 0.1)
+FULL = Sizes(400_000, 440_000, 200, 30, 0.1)
+QUICK = Sizes(20_000, 22_000, 50, 12, 0.1)
 
 
 # --- running a step --------------------------------------------------------------------------
@@ -185,7 +186,6 @@ class Lab:
         return self.live / "outbox"
 
     def env(self) -> dict[str, str]:
-        recipients = [f"reader{n:02d}@example.com" for n in range(self.sizes.recipients)]
         smtp_connection = {
             "conn_type": "smtp",
             "host": "127.0.0.1",
@@ -197,7 +197,6 @@ class Lab:
             **os.environ,
             "WAREHOUSE_PATH": str(self.warehouse),
             "WAREHOUSE_LOCK_TIMEOUT": "60",
-            "EMAIL_TO": ",".join(recipients),
             "EMAIL_OUTBOX_DIR": str(self.outbox),
             "AIRFLOW_HOME": str(airflow_home),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
@@ -225,11 +224,18 @@ class Lab:
     def snapshot(self) -> Snapshot:
         return read_snapshot(self.warehouse, self.outbox)
 
-    def run(self, argv: Sequence[str], log: str, kill_after: float | None = None) -> Run:
-        return run_step(argv, self.env(), self.work / "logs" / f"{log}.log", kill_after)
+    def run(
+        self,
+        argv: Sequence[str],
+        log: str,
+        kill_after: float | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Run:
+        env = {**self.env(), **(env or {})}
+        return run_step(argv, env, self.work / "logs" / f"{log}.log", kill_after)
 
-    def run_ok(self, argv: Sequence[str], log: str) -> Run:
-        run = self.run(argv, log)
+    def run_ok(self, argv: Sequence[str], log: str, env: dict[str, str] | None = None) -> Run:
+        run = self.run(argv, log, env=env)
         if run.exit_code != 0:
             raise RuntimeError(
                 f"{' '.join(argv)} failed with exit code {run.exit_code}; "
@@ -280,6 +286,18 @@ def _load(api_url: str, start: date, end: date) -> list[str]:
     return [*_event_stats(), "load", "--start", str(start), "--end", str(end), "--api-url", api_url]
 
 
+def _email_to(count: int) -> dict[str, str]:
+    return {"EMAIL_TO": ",".join(f"reader{n:03d}@example.com" for n in range(count))}
+
+
+def _send_outbox() -> list[str]:
+    return [*_event_stats(), "send-stats", "--date", str(OUTBOX_DATE), "--outbox"]
+
+
+def _send_smtp() -> list[str]:
+    return [*_event_stats(), "send-stats", "--date", str(SMTP_DATE)]
+
+
 @dataclass(frozen=True)
 class Step:
     name: str
@@ -287,6 +305,7 @@ class Step:
     argv: Callable[[Lab], list[str]]
     old_state: str  # the saved state a trial starts from
     new_state: str | None  # where its clean result is saved for the steps after it
+    env: dict[str, str] = field(default_factory=dict)
     email_date: date | None = None
     smtp: bool = False
 
@@ -311,19 +330,21 @@ def steps_in_order(sizes: Sizes) -> list[Step]:
         ),
         Step(
             "email-outbox",
-            f"`event-stats send-stats --outbox`, {sizes.recipients} recipients, an update",
-            lambda lab: [*_event_stats(), "send-stats", "--date", str(OUTBOX_DATE), "--outbox"],
+            f"`event-stats send-stats --outbox`, an update to {sizes.outbox_recipients} recipients",
+            lambda lab: _send_outbox(),
             old_state="rebuilt",
             new_state=None,
+            env=_email_to(sizes.outbox_recipients),
             email_date=OUTBOX_DATE,
         ),
         Step(
             "email-smtp",
-            f"`event-stats send-stats` over SMTP (aiosmtpd), {sizes.recipients} recipients, "
-            "an update",
-            lambda lab: [*_event_stats(), "send-stats", "--date", str(SMTP_DATE)],
+            f"`event-stats send-stats` over SMTP (aiosmtpd), an update to "
+            f"{sizes.smtp_recipients} recipients",
+            lambda lab: _send_smtp(),
             old_state="rebuilt",
             new_state=None,
+            env=_email_to(sizes.smtp_recipients),
             email_date=SMTP_DATE,
             smtp=True,
         ),
@@ -336,9 +357,9 @@ def build_first_state(lab: Lab) -> None:
     lab.restore(None)
     lab.run_ok(_load(lab.old_api, *LOADED), "setup-load")
     lab.run_ok(_dbt_build(*LOADED), "setup-dbt")
-    lab.run_ok([*_event_stats(), "send-stats", "--date", str(OUTBOX_DATE), "--outbox"], "setup")
+    lab.run_ok(_send_outbox(), "setup-outbox", env=_email_to(lab.sizes.outbox_recipients))
     lab.smtp.phase = "setup"
-    lab.run_ok([*_event_stats(), "send-stats", "--date", str(SMTP_DATE)], "setup-smtp")
+    lab.run_ok(_send_smtp(), "setup-smtp", env=_email_to(lab.sizes.smtp_recipients))
     lab.smtp_before = lab.smtp.take()
     lab.save("loaded")
 
@@ -361,7 +382,7 @@ def prepare(lab: Lab, step: Step, measure_runs: int) -> Prepared:
     lab.restore(step.old_state)
     old = lab.snapshot()
     lab.smtp.phase = "clean"
-    first = lab.run_ok(step.argv(lab), f"{step.name}-clean-0")
+    first = lab.run_ok(step.argv(lab), f"{step.name}-clean-0", env=step.env)
     clean = lab.snapshot()
     deliveries = lab.smtp.take()
     if step.new_state:
@@ -369,7 +390,8 @@ def prepare(lab: Lab, step: Step, measure_runs: int) -> Prepared:
     durations, violations = [], []
     for number in range(1, measure_runs + 1):
         lab.restore(step.old_state)
-        durations.append(lab.run_ok(step.argv(lab), f"{step.name}-clean-{number}").seconds)
+        run = lab.run_ok(step.argv(lab), f"{step.name}-clean-{number}", env=step.env)
+        durations.append(run.seconds)
         again = lab.snapshot()
         lab.smtp.take()
         violations += [f"two clean runs differ: {v}" for v in convergence_violations(again, clean)]
@@ -440,7 +462,7 @@ def run_trial(lab: Lab, prepared: Prepared, trial: Trial) -> Trial:
     lab.restore(step.old_state)
     lab.smtp.take()
     lab.smtp.phase = "killed"
-    killed = lab.run(step.argv(lab), label, kill_after=trial.kill_after)
+    killed = lab.run(step.argv(lab), label, kill_after=trial.kill_after, env=step.env)
     trial.killed_at = killed.killed_at
     after_kill = lab.snapshot()
     lab.save("last-kill")
@@ -466,7 +488,7 @@ def run_trial(lab: Lab, prepared: Prepared, trial: Trial) -> Trial:
     ]
 
     lab.smtp.phase = "rerun"
-    rerun = lab.run(step.argv(lab), f"{label}-rerun")
+    rerun = lab.run(step.argv(lab), f"{label}-rerun", env=step.env)
     after_rerun = lab.snapshot()
     from_rerun = lab.smtp.take()
     if rerun.exit_code != 0:
