@@ -13,11 +13,12 @@ runs through its public command, as a subprocess, on a real DuckDB warehouse in 
                 started here, which records what it received and when
 
 A trial restores the step's known old state, starts the step, sends SIGKILL at a moment drawn
-uniformly over the step's measured duration (stratified: N trials cover N equal slices once each,
-in a seeded order), then checks: every partition of raw.events and analytics.event_stats is the
-complete old or new one, the ledgers agree with the data, no email was delivered twice (over SMTP,
-a resend with the same Message-ID is allowed when the server had received the message from the
-killed run and the ledger did not record it), and a rerun converges to the tables of a clean run.
+uniformly over the step's duration (the median of its latest whole runs; stratified: N trials
+cover N equal slices once each, in a seeded order), then checks: every partition of raw.events
+and analytics.event_stats is the complete old or new one, the ledgers agree with the data, no
+email was delivered twice (over SMTP, a resend with the same Message-ID is allowed when the server
+had received the message from the killed run and the ledger did not record it), and a rerun
+converges to the tables of a clean run.
 
 The figures of a full campaign are written into docs/RELIABILITY.md between its marker comments.
 The exit code is 1 when any trial found a violation.
@@ -74,6 +75,7 @@ LOADED = (DAY, DAY + timedelta(days=3))  # the old state holds these dates
 CHANGED = (DAY, DAY + timedelta(days=2))  # the loader and dbt steps move these to the new version
 OUTBOX_DATE = DAY
 SMTP_DATE = DAY + timedelta(days=1)
+RECENT_RUNS = 5  # the step's duration is the median of this many latest whole runs
 
 
 @dataclass(frozen=True)
@@ -167,10 +169,10 @@ class Lab:
 
     work: Path
     sizes: Sizes
-    old_api: str = ""
-    new_api: str = ""
-    smtp: RecordingSmtp | None = None
-    smtp_port: int = 0
+    old_api: str  # the events API serving the old volume per day
+    new_api: str  # ... and the new one
+    smtp: RecordingSmtp
+    smtp_port: int
     smtp_before: list[Delivery] = field(default_factory=list)  # received while setting up
 
     @property
@@ -224,6 +226,10 @@ class Lab:
     def snapshot(self) -> Snapshot:
         return read_snapshot(self.warehouse, self.outbox)
 
+    def smtp_delivered(self, step: Step) -> list[Delivery]:
+        """What the SMTP server received for the step's date before the step ran."""
+        return [d for d in self.smtp_before if d.event_date == step.email_date]
+
     def run(
         self,
         argv: Sequence[str],
@@ -247,22 +253,22 @@ class Lab:
 @contextmanager
 def started_lab(work: Path, sizes: Sizes) -> Iterator[Lab]:
     """Start the two events APIs (old and new volume) and the SMTP server; stop them after."""
-    lab = Lab(work=work, sizes=sizes)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
+        urls = {}
         for name, volume in (("old", sizes.old_events_per_day), ("new", sizes.new_events_per_day)):
             server = stack.enter_context(
                 events_process.running(
                     options={"events_per_day": volume}, log_file=work / "logs" / f"api-{name}.log"
                 )
             )
-            setattr(lab, f"{name}_api", server.url)
-        lab.smtp = RecordingSmtp(sizes.smtp_accept_delay)
-        lab.smtp_port = events_process.free_port()
-        controller = Controller(lab.smtp, hostname="127.0.0.1", port=lab.smtp_port)
+            urls[name] = server.url
+        smtp = RecordingSmtp(sizes.smtp_accept_delay)
+        port = events_process.free_port()
+        controller = Controller(smtp, hostname="127.0.0.1", port=port)
         controller.start()
         stack.callback(controller.stop)
-        yield lab
+        yield Lab(work, sizes, urls["old"], urls["new"], smtp, port)
 
 
 # --- the steps -------------------------------------------------------------------------------
@@ -366,14 +372,22 @@ def build_first_state(lab: Lab) -> None:
 
 @dataclass
 class Prepared:
-    """A step's reference points: its old state, a clean run's result, and its duration."""
+    """A step's reference points: its old state, a clean run's result, and its duration.
+
+    The duration is the median of the latest runs that did the whole step: the clean runs,
+    then every rerun after a kill that had left nothing new. It follows the machine's load
+    (other jobs on the same cores) as the campaign goes on."""
 
     step: Step
     old: Snapshot
     clean: Snapshot
     clean_deliveries: list[Delivery]
-    duration: float
+    runs: list[float]  # seconds of the runs that did the whole step, oldest first
     violations: list[str]
+
+    @property
+    def duration(self) -> float:
+        return statistics.median(self.runs[-RECENT_RUNS:])
 
 
 def prepare(lab: Lab, step: Step, measure_runs: int) -> Prepared:
@@ -397,8 +411,7 @@ def prepare(lab: Lab, step: Step, measure_runs: int) -> Prepared:
         violations += [f"two clean runs differ: {v}" for v in convergence_violations(again, clean)]
     if old.tables() == clean.tables():
         violations.append("a clean run changed nothing: old and new versions are equal")
-    duration = statistics.mean(durations) if durations else first.seconds
-    return Prepared(step, old, clean, deliveries, duration, violations)
+    return Prepared(step, old, clean, deliveries, durations or [first.seconds], violations)
 
 
 # --- a trial ---------------------------------------------------------------------------------
@@ -418,6 +431,10 @@ class Trial:
     in_flight: int = 0  # emails delivered by the killed run that its ledger did not record
     resends: int = 0  # SMTP: of those, delivered again (same Message-ID) by the rerun
     violations: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.step}-{self.number:02d}"  # names its logs and kept states
 
 
 def _units(prepared: Prepared) -> list[tuple]:
@@ -456,18 +473,18 @@ def _state_violations(
     return found
 
 
-def run_trial(lab: Lab, prepared: Prepared, trial: Trial) -> Trial:
+def _kill(lab: Lab, prepared: Prepared, trial: Trial) -> tuple[Snapshot, list[Delivery]]:
+    """Run the step from its old state and SIGKILL it; record what the kill left and check it.
+    Returns the state after the kill and the SMTP messages the killed run delivered."""
     step = prepared.step
-    label = f"{step.name}-{trial.number:02d}"
     lab.restore(step.old_state)
     lab.smtp.take()
     lab.smtp.phase = "killed"
-    killed = lab.run(step.argv(lab), label, kill_after=trial.kill_after, env=step.env)
+    killed = lab.run(step.argv(lab), trial.label, kill_after=trial.kill_after, env=step.env)
     trial.killed_at = killed.killed_at
     after_kill = lab.snapshot()
     lab.save("last-kill")
     from_killed = lab.smtp.take()
-    before = [d for d in lab.smtp_before if d.event_date == step.email_date]
 
     units = _units(prepared)
     trial.units = len(units)
@@ -477,22 +494,31 @@ def run_trial(lab: Lab, prepared: Prepared, trial: Trial) -> Trial:
     else:
         trial.outcome = {0: "old", len(units): "new"}.get(trial.done, "partial")
 
-    delivered = before + from_killed if step.smtp else list(after_kill.outbox)
+    delivered = lab.smtp_delivered(step) + from_killed if step.smtp else list(after_kill.outbox)
     if step.email_date:
         recorded = {row.key for row in after_kill.sent_rows(step.email_date)}
-        trial.in_flight = len(
-            {d.key for d in delivered if d.event_date == step.email_date} - recorded
-        )
+        day_keys = {d.key for d in delivered if d.event_date == step.email_date}
+        trial.in_flight = len(day_keys - recorded)
     trial.violations += [
         f"after the kill: {v}" for v in _state_violations(prepared, after_kill, delivered, 1)
     ]
+    return after_kill, from_killed
 
+
+def _rerun(
+    lab: Lab, prepared: Prepared, trial: Trial, after_kill: Snapshot, from_killed: list[Delivery]
+) -> None:
+    """Run the step again, not killed: it must leave what a clean run leaves."""
+    step = prepared.step
     lab.smtp.phase = "rerun"
-    rerun = lab.run(step.argv(lab), f"{label}-rerun", env=step.env)
+    rerun = lab.run(step.argv(lab), f"{trial.label}-rerun", env=step.env)
+    if trial.outcome == "old" and rerun.exit_code == 0:
+        prepared.runs.append(rerun.seconds)  # it did the whole step: a measurement
     after_rerun = lab.snapshot()
     from_rerun = lab.smtp.take()
     if rerun.exit_code != 0:
-        trial.violations.append(f"the rerun failed (exit {rerun.exit_code}): see {label}-rerun.log")
+        trial.violations.append(f"the rerun failed (exit {rerun.exit_code}): see its log")
+    before = lab.smtp_delivered(step)
     delivered = before + from_killed + from_rerun if step.smtp else list(after_rerun.outbox)
     trial.violations += [
         f"after the rerun: {v}" for v in _state_violations(prepared, after_rerun, delivered, 0)
@@ -503,12 +529,17 @@ def run_trial(lab: Lab, prepared: Prepared, trial: Trial) -> Trial:
             before, from_killed, from_rerun, after_kill
         )
         trial.violations += found
-        sent = sorted({d.sent for d in delivered} - {d.sent for d in before})
+        sent = sorted({d.sent for d in from_killed + from_rerun})
         if sent != sorted({d.sent for d in prepared.clean_deliveries}):
             trial.violations.append("SMTP: the emails received differ from a clean run's")
-    if trial.violations:
-        lab.save(f"violation-{label}-after-kill", lab.work / "states" / "last-kill")
-        lab.save(f"violation-{label}-after-rerun")
+
+
+def run_trial(lab: Lab, prepared: Prepared, trial: Trial) -> Trial:
+    after_kill, from_killed = _kill(lab, prepared, trial)
+    _rerun(lab, prepared, trial, after_kill, from_killed)
+    if trial.violations:  # keep both states for inspection
+        lab.save(f"violation-{trial.label}-after-kill", lab.work / "states" / "last-kill")
+        lab.save(f"violation-{trial.label}-after-rerun")
     return trial
 
 
@@ -565,7 +596,24 @@ class Campaign:
         return setup + sum(len(t.violations) for t in self.trials)
 
 
-def run_campaign(options: Options, out=print) -> Campaign:  # noqa: ANN001 - a print function
+def run_trials(
+    lab: Lab, prepared: Prepared, options: Options, out: Callable[[str], None]
+) -> list[Trial]:
+    trials = []
+    fractions = kill_fractions(options.seed, prepared.step.name, options.trials)
+    for number, fraction in enumerate(fractions, 1):
+        if options.only_trial not in (None, number):
+            continue
+        duration = prepared.duration
+        trial = Trial(prepared.step.name, number, fraction, fraction * duration, duration)
+        trials.append(run_trial(lab, prepared, trial))
+        out(describe(trial))
+        for violation in trial.violations:
+            out(f"    VIOLATION: {violation}")
+    return trials
+
+
+def run_campaign(options: Options, out: Callable[[str], None] = print) -> Campaign:
     """Prepare every step up to the last one selected, then run the trials of the selected ones."""
     sizes = QUICK if options.quick else FULL
     campaign = Campaign(options, sizes)
@@ -585,17 +633,7 @@ def run_campaign(options: Options, out=print) -> Campaign:  # noqa: ANN001 - a p
             if not selected:
                 continue
             out(f"[{step.name}] {step.what}: a clean run takes {prepared.duration:.2f} s")
-            fractions = kill_fractions(options.seed, step.name, options.trials)
-            for number, fraction in enumerate(fractions, 1):
-                if options.only_trial not in (None, number):
-                    continue
-                trial = Trial(
-                    step.name, number, fraction, fraction * prepared.duration, prepared.duration
-                )
-                campaign.trials.append(run_trial(lab, prepared, trial))
-                out(describe(trial))
-                for violation in trial.violations:
-                    out(f"    VIOLATION: {violation}")
+            campaign.trials += run_trials(lab, prepared, options, out)
     campaign.seconds = time.monotonic() - started
     if campaign.violations() or options.keep:
         out(f"work dir kept for inspection: {work}")
