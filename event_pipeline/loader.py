@@ -1,32 +1,59 @@
 """Load the raw events of a date, or of a range of dates, into raw.events: atomic and idempotent.
 
 For every date D of [start, end):
-1. download GET /events?start_date=D&end_date=D+1 to a temporary file (removed afterwards),
+1. download GET /events?start_date=D&end_date=D+1 to a temporary file, and check that the
+   answer is complete (`sources.download`: status, framing, structure),
 2. parse and validate it with DuckDB (`sources.stage_events`),
 3. in ONE transaction: delete partition D, insert its new rows, write a raw.load_log row.
    If the new content equals the stored partition (same fingerprint), raw.events is left alone
    and only the ledger row (changed = false) is written.
 A failure (source, validation, SIGKILL) leaves each date either fully old or fully new.
-While date D is being written, the next date is already downloading.
+While date D is being written, the next date is already downloading (in a daemon thread).
+
+Interrupts: while loading, SIGTERM and SIGINT raise LoadInterrupted (after calling the handler
+installed before, e.g. Airflow's, which runs the task's on_kill). One arriving during a write
+(from BEGIN to COMMIT) takes effect right after the commit, so the message can say exactly which
+dates were loaded. The download directory is removed at once: the download thread is cancelled,
+not awaited. A directory left by a loader killed with SIGKILL is removed by the next load (its
+owner's lock on it is gone).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import shlex
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from types import FrameType
 
 import duckdb
 
 from event_pipeline import settings, sources, warehouse
 
 log = logging.getLogger(__name__)
+
+DOWNLOAD_DIR_PREFIX = "event-stats-load-"
+_OWNER_LOCK = ".owner.lock"
+
+
+class LoadInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped a load; each date is untouched or completely loaded."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(message or f"interrupted by {self.signal_name}")
 
 
 @dataclass(frozen=True)
@@ -72,12 +99,6 @@ def partition_checksum(
     return rows, f"{rows}-{upper:x}-{lower:x}"
 
 
-@dataclass(frozen=True)
-class _Download:
-    path: Path
-    seconds: float
-
-
 def _fingerprint(connection: duckdb.DuckDBPyConnection, event_date: date, relation: str) -> tuple:
     """A fast content fingerprint to compare two partitions within one process.
 
@@ -91,52 +112,227 @@ def _fingerprint(connection: duckdb.DuckDBPyConnection, event_date: date, relati
     ).fetchall()[0]
 
 
-def _fetch(url: str, directory: Path, event_date: date) -> _Download:
-    started = time.monotonic()
-    path = directory / f"events-{event_date.isoformat()}.json"
-    sources.download(
-        url,
-        path,
-        what=f"events of {event_date.isoformat()}",
-        attempts=settings.events_api_attempts(),
-        timeout=settings.events_api_timeout(),
-        backoff=settings.events_api_backoff(),
-    )
-    return _Download(path, time.monotonic() - started)
+@dataclass(frozen=True)
+class _Source:
+    """Where one load reads and writes; it also spells the command that reloads a date range."""
+
+    api_url: str
+    warehouse_path: Path | None
+
+    def url(self, day: date) -> str:
+        return sources.window_url(self.api_url, day, day + timedelta(days=1))
+
+    def command(self, start: date, end: date) -> str:
+        """The `event-stats load` command for [start, end) from this source into this warehouse."""
+        words = ["event-stats", "load", "--start", start.isoformat(), "--end", end.isoformat()]
+        if self.api_url != settings.events_api_url():
+            words += ["--api-url", self.api_url]
+        if self.warehouse_path and Path(self.warehouse_path) != settings.warehouse_path():
+            words += ["--warehouse", str(self.warehouse_path)]
+        return shlex.join(words)
+
+
+# --- interrupts, download directory, prefetch ---------------------------------------------------
+
+
+class _Interrupts:
+    """While active (main thread only), SIGTERM and SIGINT raise LoadInterrupted.
+
+    Inside `deferred()` they wait until the block ends, so a write is never cut between its
+    commit and its bookkeeping. A signal that was ignored stays ignored. `received` remembers
+    the signal: DuckDB turns a handler's exception during a query into its own RuntimeError.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self._previous: dict[int, object] = {}
+        self._deferring = False
+        self._pending: tuple[int, FrameType | None] | None = None
+        self.received: int | None = None
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                previous = signal.getsignal(signum)
+                if previous in (signal.SIG_IGN, None):
+                    continue
+                self._previous[signum] = previous
+                signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = self.received or signum
+        if self._deferring:
+            self._pending = self._pending or (signum, frame)
+            return
+        previous = self._previous.get(signum)
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, frame)  # e.g. Airflow's task runner: calls the task's on_kill()
+        raise LoadInterrupted(signum)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._pending:
+            signum, frame = self._pending
+            self._pending = None
+            self._handle(signum, frame)
+
+
+def _remove_abandoned_directories(root: Path, min_age: float = 10.0) -> None:
+    """Remove download directories whose loader died (SIGKILL): nobody holds their lock.
+
+    `min_age` spares a directory created a moment ago whose owner is about to lock it.
+    """
+    for directory in root.glob(f"{DOWNLOAD_DIR_PREFIX}*"):
+        lock_path = directory / _OWNER_LOCK
+        try:
+            if time.time() - lock_path.stat().st_mtime < min_age:
+                continue
+            with lock_path.open("a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(directory, ignore_errors=True)
+                log.info("Removed %s, left behind by a loader that was killed", directory)
+        except OSError:  # locked by a running loader, or already gone
+            continue
+
+
+@contextmanager
+def _download_directory() -> Iterator[Path]:
+    """A temporary directory for the downloads, locked by this process while it exists."""
+    root = Path(tempfile.gettempdir())
+    _remove_abandoned_directories(root)
+    directory = Path(tempfile.mkdtemp(prefix=DOWNLOAD_DIR_PREFIX, dir=root))
+    lock = (directory / _OWNER_LOCK).open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        lock.close()
+
+
+@dataclass(frozen=True)
+class _Download:
+    path: Path
+    seconds: float
+
+
+class _Prefetch:
+    """Downloads one date in a daemon thread: an interrupt never waits for a slow source."""
+
+    def __init__(self, source: _Source, directory: Path, day: date) -> None:
+        self.cancellation = sources.Cancellation()
+        self._done = threading.Event()
+        self._result: _Download | None = None
+        self._error: BaseException | None = None
+        arguments = (source.url(day), directory, day)
+        threading.Thread(
+            target=self._run, args=arguments, name=f"download-{day}", daemon=True
+        ).start()
+
+    def _run(self, url: str, directory: Path, day: date) -> None:
+        started = time.monotonic()
+        path = directory / f"events-{day.isoformat()}.json"
+        try:
+            sources.download(
+                url,
+                path,
+                what=f"events of {day.isoformat()}",
+                attempts=settings.events_api_attempts(),
+                timeout=settings.events_api_timeout(),
+                backoff=settings.events_api_backoff(),
+                cancellation=self.cancellation,
+            )
+            self._result = _Download(path, time.monotonic() - started)
+        except BaseException as error:  # handed to the main thread by result()
+            self._error = error
+        finally:
+            self._done.set()
+
+    def result(self) -> _Download:
+        self._done.wait()  # a signal handler's exception interrupts this wait
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
+# --- one date: stage, check, write --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """The temp table `staged`, validated, and what the write needs to know about it."""
+
+    event_date: date
+    url: str
+    rows: int
+    checksum: str
+    changed: bool
+    out_of_window: int
+    duplicates: int
+    started: float
 
 
 def _check_not_stored_elsewhere(
-    connection: duckdb.DuckDBPyConnection, event_date: date, url: str
+    connection: duckdb.DuckDBPyConnection, event_date: date, source: _Source, end: date
 ) -> None:
     """event_id is unique in raw.events: refuse ids that another date's partition holds.
 
     That happens when the source re-dates an event (our ids are stable, timestamps may be
     corrected). This process holds the writer lock, so nothing changes until the transaction.
+    The remedy reloads the other date(s) first (which drops the event there), then resumes
+    at this date: that works whether the event moved forwards or backwards.
     """
-    moved = connection.execute(
-        "select event_id, event_date from raw.events where event_date <> ? and event_id in "
-        "(select event_id from staged where event_date = ?) order by all limit 3",
-        [event_date, event_date],
-    ).fetchall()
-    if moved:
-        listed = ", ".join(f"{event_id} (stored under {day})" for event_id, day in moved)
-        raise sources.EventSourceError(
-            f"{event_date}: the source ({url}) now dates event(s) {listed} to {event_date}. "
-            "Reload the date(s) they are stored under first, or load a range covering both "
-            "(dates load in order); nothing was written for this date."
-        )
+    query = (
+        "select event_id, event_date from raw.events where event_date <> $day and event_id in "
+        "(select event_id from staged where event_date = $day)"
+    )
+    examples = connection.execute(f"{query} order by all limit 3", {"day": event_date}).fetchall()
+    if not examples:
+        return
+    stored_under = [
+        day
+        for (day,) in connection.execute(
+            f"select distinct event_date from ({query}) order by 1", {"day": event_date}
+        ).fetchall()
+    ]
+    listed = ", ".join(f"{event_id} (stored under {day})" for event_id, day in examples)
+    commands = [source.command(day, day + timedelta(days=1)) for day in stored_under]
+    commands.append(source.command(event_date, end))
+    raise sources.EventSourceError(
+        f"{event_date}: the source ({source.url(event_date)}) now dates event(s) {listed} to "
+        f"{event_date}, and an event_id is stored once; nothing was written for {event_date}. "
+        "Reload the date(s) they are stored under first, then resume here: "
+        f"`{' && '.join(commands)}`. (If the source still dates an event to both days, it "
+        "holds two versions of it: fix the source.)"
+    )
 
 
-def _replace_partition(
+def _stage(
     connection: duckdb.DuckDBPyConnection,
     event_date: date,
     path: Path,
-    url: str,
-    run_id: str,
-) -> LoadResult:
+    source: _Source,
+    end: date,
+) -> _Staged:
+    """Parse and validate the download into `staged`; nothing is written to raw.events."""
     started = time.monotonic()
+    url = source.url(event_date)
     what = f"events of {event_date.isoformat()}"
-    _, duplicates = sources.stage_events(connection, path, what=what, url=url)
+    _, duplicates = sources.stage_events(
+        connection, path, what=what, url=url, event_date=event_date
+    )
     outside = connection.execute(
         "select event_date, count(*) from staged where event_date <> ? group by all order by 1",
         [event_date],
@@ -155,17 +351,23 @@ def _replace_partition(
         log.warning(
             "%s: %d repeated event_id(s) in the delivery, stored once", event_date, duplicates
         )
-    _check_not_stored_elsewhere(connection, event_date, url)
+    _check_not_stored_elsewhere(connection, event_date, source, end)
     rows, checksum = partition_checksum(connection, event_date, relation="staged")
     changed = _fingerprint(connection, event_date, "staged") != _fingerprint(
         connection, event_date, "raw.events"
     )
+    return _Staged(event_date, url, rows, checksum, changed, out_of_window, duplicates, started)
+
+
+def _write(connection: duckdb.DuckDBPyConnection, staged: _Staged, run_id: str) -> LoadResult:
+    """Replace the partition (if changed) and write its ledger row in ONE transaction."""
+    event_date = staged.event_date
     load_id = f"{run_id}/{event_date.isoformat()}/{uuid.uuid4().hex[:12]}"
     loaded_at = datetime.now(UTC).replace(tzinfo=None)
-    log.debug("%s: replacing the partition (%d rows) in one transaction", event_date, rows)
+    log.debug("%s: replacing the partition (%d rows) in one transaction", event_date, staged.rows)
     connection.execute("begin transaction")
     try:
-        if changed:
+        if staged.changed:
             connection.execute("delete from raw.events where event_date = ?", [event_date])
             connection.execute(
                 "insert into raw.events (event_id, user_id, event_type, event_at, event_date, "
@@ -177,30 +379,30 @@ def _replace_partition(
             "insert into raw.load_log (load_id, run_id, event_date, rows, checksum, changed, "
             "out_of_window, duplicates, source_url, loaded_at) "
             "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [load_id, run_id, event_date, rows, checksum, changed, out_of_window, duplicates]
-            + [url, loaded_at],
+            [load_id, run_id, event_date, staged.rows, staged.checksum, staged.changed]
+            + [staged.out_of_window, staged.duplicates, staged.url, loaded_at],
         )
-        connection.execute("commit")
-        log.debug("%s: committed", event_date)
     except BaseException:
         connection.execute("rollback")
         raise
-    finally:
-        connection.execute("drop table if exists staged")
+    connection.execute("commit")
+    log.debug("%s: committed", event_date)
     return LoadResult(
         event_date=event_date,
-        rows=rows,
-        checksum=checksum,
-        changed=changed,
-        out_of_window=out_of_window,
-        duplicates=duplicates,
+        rows=staged.rows,
+        checksum=staged.checksum,
+        changed=staged.changed,
+        out_of_window=staged.out_of_window,
+        duplicates=staged.duplicates,
         load_id=load_id,
-        source_url=url,
-        seconds=time.monotonic() - started,
+        source_url=staged.url,
+        seconds=time.monotonic() - staged.started,
     )
 
 
-def _report(result: LoadResult, index: int, total: int, progress: bool, download: float) -> None:
+def _print_progress(
+    result: LoadResult, index: int, total: int, progress: bool, download: float
+) -> None:
     state = "replaced" if result.changed else "unchanged"
     line = (
         f"[{index}/{total}] {result.event_date}  {result.rows:>9,} rows  {state:<9}"
@@ -211,6 +413,23 @@ def _report(result: LoadResult, index: int, total: int, progress: bool, download
         print(line, file=sys.stderr, flush=True)
     else:
         log.info("Loaded %s", line)
+
+
+def _span(first: date, last: date) -> str:
+    return str(first) if first == last else f"{first} to {last}"
+
+
+def _interrupted_message(signum: int, source: _Source, dates: list[date], loaded: int) -> str:
+    name = signal.Signals(signum).name
+    rest = dates[loaded:]
+    if not rest:
+        return f"load interrupted by {name} at its end: {_span(dates[0], dates[-1])} loaded"
+    done = f"{_span(dates[0], dates[loaded - 1])} loaded, " if loaded else ""
+    resume = source.command(rest[0], rest[-1] + timedelta(days=1))
+    return (
+        f"load interrupted by {name}: {done}{_span(rest[0], rest[-1])} unchanged; "
+        f"`{resume}` finishes the job"
+    )
 
 
 def load_range(
@@ -226,42 +445,55 @@ def load_range(
 
     Each date is replaced in its own transaction together with its raw.load_log row; on an
     error the dates before it stay loaded (each complete), the failing date and later ones are
-    untouched, and a rerun is safe. `progress` prints a line per date to stderr.
+    untouched, and a rerun is safe. `progress` prints a line per date to stderr. SIGTERM or
+    SIGINT raises LoadInterrupted, whose message names what was loaded and how to finish.
     """
     end = end or start + timedelta(days=1)
     if end <= start:
         raise ValueError(f"end ({end}) must be after start ({start}); the range is [start, end)")
-    api_url = api_url or settings.events_api_url()
+    source = _Source(api_url or settings.events_api_url(), warehouse_path)
     run_id = run_id or f"manual-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    memory_limit = settings.loader_memory_limit().replace("'", "")
     dates = [start + timedelta(days=i) for i in range((end - start).days)]
-    urls = [sources.window_url(api_url, day, day + timedelta(days=1)) for day in dates]
     results: list[LoadResult] = []
-    with (
-        tempfile.TemporaryDirectory(prefix="event-stats-load-") as tmp,
-        ThreadPoolExecutor(max_workers=1) as prefetcher,
-    ):
-        directory = Path(tmp)
-        pending: Future[_Download] = prefetcher.submit(_fetch, urls[0], directory, dates[0])
-        try:
-            for index, (day, url) in enumerate(zip(dates, urls, strict=True)):
-                download = pending.result()
-                if index + 1 < len(dates):  # fetch the next date while this one is written
-                    pending = prefetcher.submit(
-                        _fetch, urls[index + 1], directory, dates[index + 1]
-                    )
-                try:
-                    with warehouse.connect(warehouse_path) as connection:
-                        connection.execute(f"set memory_limit = '{memory_limit}'")
-                        warehouse.ensure_raw_schema(connection)
-                        result = _replace_partition(connection, day, download.path, url, run_id)
-                finally:
-                    download.path.unlink(missing_ok=True)
-                results.append(result)
-                _report(result, index + 1, len(dates), progress, download.seconds)
-        finally:
-            pending.cancel()
-            if not pending.cancelled():
-                # wait so the directory can be removed; a failure there no longer matters
-                pending.exception()
+    interrupts = _Interrupts()
+    try:
+        with interrupts, _download_directory() as directory:
+            _load_dates(dates, source, directory, run_id, progress, interrupts, results)
+    except BaseException:
+        if interrupts.received is None:
+            raise
+        message = _interrupted_message(interrupts.received, source, dates, len(results))
+        raise LoadInterrupted(interrupts.received, message) from None
     return results
+
+
+def _load_dates(
+    dates: list[date],
+    source: _Source,
+    directory: Path,
+    run_id: str,
+    progress: bool,
+    interrupts: _Interrupts,
+    results: list[LoadResult],
+) -> None:
+    """Load `dates` in order, appending each committed date's result to `results`."""
+    memory_limit = settings.loader_memory_limit().replace("'", "")
+    end = dates[-1] + timedelta(days=1)
+    pending = _Prefetch(source, directory, dates[0])
+    try:
+        for index, day in enumerate(dates):
+            download = pending.result()
+            if index + 1 < len(dates):  # fetch the next date while this one is written
+                pending = _Prefetch(source, directory, dates[index + 1])
+            try:
+                with warehouse.connect(source.warehouse_path) as connection:
+                    connection.execute(f"set memory_limit = '{memory_limit}'")
+                    warehouse.ensure_raw_schema(connection)
+                    staged = _stage(connection, day, download.path, source, end)
+                    with interrupts.deferred():
+                        results.append(_write(connection, staged, run_id))
+            finally:
+                download.path.unlink(missing_ok=True)
+            _print_progress(results[-1], index + 1, len(dates), progress, download.seconds)
+    finally:
+        pending.cancellation.cancel()  # the directory is removed next: no more writes into it

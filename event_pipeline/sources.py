@@ -6,14 +6,34 @@ Two record shapes are accepted, in NDJSON or in a JSON array:
 A timestamp without an offset is taken as UTC. Records without an event_id get a deterministic
 one (see `stage_events`), so that identical records each count as one event and a reload of the
 same delivery yields the same ids.
+
+An answer replaces a stored day only when it is provably complete (`download` checks it):
+- status 200. 429 and 5xx are retried; anything else (204, 206, a 3xx, a 4xx) fails at once.
+  Redirects are NOT followed: the URL in EVENTS_API_URL is the source of record (it is written to
+  raw.load_log), and a redirect is a moved or misconfigured source that a person should confirm by
+  setting EVENTS_API_URL to the new address.
+- framing: a Content-Length that the body matched, or a chunked body with its last chunk (httpx
+  and h11 raise RemoteProtocolError otherwise: retried like any connection error). A body whose
+  end is marked only by the connection closing (no Content-Length, not chunked) is accepted only
+  when its own structure proves it ended: a JSON array must end with its closing ']' (else it is
+  retried as a cut body); close-delimited NDJSON, or an empty close-delimited body, cannot be
+  proven complete and is refused.
+- structure: a JSON array must end with ']'. An empty body is an empty day only when it is
+  properly framed and declared NDJSON (Content-Type application/x-ndjson); otherwise an empty day
+  must come as `[]`.
+Completeness is checked on the file's tail: the body never enters Python memory whole.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import duckdb
 import httpx
@@ -21,11 +41,62 @@ import httpx
 log = logging.getLogger(__name__)
 
 ACCEPT = "application/x-ndjson, application/json;q=0.9"
+NDJSON_TYPES = frozenset(
+    {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
+)
 _RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+_REDIRECT_STATUS = {301, 302, 303, 307, 308}
+_WHITESPACE = b" \t\r\n"
 
 
 class EventSourceError(RuntimeError):
     """The events API failed, or sent something that is not a valid list of events."""
+
+
+class DownloadCancelled(Exception):
+    """The download was cancelled from another thread (see `Cancellation`)."""
+
+
+class _Incomplete(Exception):
+    """An answer that may succeed when asked again: 429/5xx, or a body cut short."""
+
+
+class Cancellation:
+    """Stops a download running in another thread.
+
+    Once `cancel()` has returned, the download creates no file and writes no more bytes, so the
+    caller may remove its directory at once, without waiting for a slow source.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._event.set()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold off `cancel()` while touching the file; raise DownloadCancelled once cancelled."""
+        with self._lock:
+            if self._event.is_set():
+                raise DownloadCancelled
+            yield
+
+    def sleep(self, seconds: float) -> None:
+        if self._event.wait(seconds):
+            raise DownloadCancelled
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A downloaded answer and what its headers said about it."""
+
+    path: Path
+    framing: str  # "content-length", "chunked" or "close" (end marked only by the connection)
+    media_type: str  # Content-Type without parameters, lower case ("" when absent)
+    size: int  # body bytes, after content decoding
 
 
 def window_url(api_url: str, start: date, end: date) -> str:
@@ -41,31 +112,22 @@ def download(
     attempts: int,
     timeout: float,
     backoff: float,
-) -> None:
-    """Stream `url` into `destination`, retrying connection errors, timeouts and 5xx.
+    cancellation: Cancellation | None = None,
+) -> Delivery:
+    """Stream `url` into `destination` and check that the answer is complete (module docstring).
 
-    `what` names the request in errors (e.g. "events of 2019-01-01"). A 4xx fails at once;
-    a response cut short (connection dropped mid-body) counts as a connection error.
+    Connection errors, timeouts, 429/5xx and cut bodies are retried up to `attempts` times with
+    exponential `backoff`; other refusals fail at once. `what` names the request in errors
+    (e.g. "events of 2019-01-01"). `cancellation` lets another thread stop it (DownloadCancelled).
     """
+    cancellation = cancellation or Cancellation()
     failure = ""
     for attempt in range(1, attempts + 1):
         try:
-            with httpx.stream("GET", url, headers={"Accept": ACCEPT}, timeout=timeout) as response:
-                status = response.status_code
-                if status in _RETRYABLE_STATUS:
-                    failure = f"HTTP {status}"
-                elif status >= 400:
-                    body = response.read()[:300].decode("utf-8", "replace")
-                    raise EventSourceError(
-                        f"The events API refused the {what}: HTTP {status} from {url}: {body!r}. "
-                        "Check the date and EVENTS_API_URL."
-                    )
-                else:
-                    with destination.open("wb") as file:
-                        for chunk in response.iter_bytes(1 << 20):
-                            file.write(chunk)
-                    return
-        except httpx.TransportError as error:  # connect/read errors, timeouts, truncated bodies
+            return _download_once(url, destination, what, timeout, cancellation)
+        except _Incomplete as error:
+            failure = str(error)
+        except httpx.TransportError as error:  # connect/read errors, timeouts, cut framed bodies
             failure = f"{type(error).__name__}: {error}"
         if attempt < attempts:
             delay = backoff * 2 ** (attempt - 1)
@@ -78,11 +140,139 @@ def download(
                 attempts,
                 delay,
             )
-            time.sleep(delay)
+            cancellation.sleep(delay)
     raise EventSourceError(
         f"Could not fetch the {what} from {url} after {attempts} attempts; last error: {failure}. "
         "Is the events API up (EVENTS_API_URL)? Rerun the load when it is: it is idempotent."
     )
+
+
+def _download_once(
+    url: str, destination: Path, what: str, timeout: float, cancellation: Cancellation
+) -> Delivery:
+    with httpx.stream("GET", url, headers={"Accept": ACCEPT}, timeout=timeout) as response:
+        _check_status(response, what, url)
+        size = _write_body(response, destination, cancellation)
+        delivery = Delivery(destination, _framing(response), _media_type(response), size)
+    _check_complete(delivery, what=what, url=url)
+    return delivery
+
+
+def _check_status(response: httpx.Response, what: str, url: str) -> None:
+    status = response.status_code
+    if status == 200:
+        return
+    if status in _RETRYABLE_STATUS:
+        raise _Incomplete(f"HTTP {status}")
+    answered = f"The events API answered HTTP {status} {response.reason_phrase}".rstrip()
+    if status in _REDIRECT_STATUS:
+        location = response.headers.get("location", "")
+        raise EventSourceError(
+            f"{answered} for the {what} from {url}, a redirect to {location or '(no Location)'}. "
+            "The loader does not follow redirects: the configured URL is the source of record. "
+            f"If the API has moved, set EVENTS_API_URL to {_base_url(location, url)} and rerun "
+            "the load. Nothing was written."
+        )
+    if status < 400:
+        raise EventSourceError(
+            f"{answered} for the {what} from {url}; only 200 with the day's events (a JSON "
+            "array or NDJSON) can replace a stored day, so nothing was written. Check that "
+            "EVENTS_API_URL points at the events API."
+        )
+    body = response.read()[:300].decode("utf-8", "replace")
+    raise EventSourceError(
+        f"The events API refused the {what}: HTTP {status} from {url}: {body!r}. "
+        "Check the date and EVENTS_API_URL."
+    )
+
+
+def _base_url(location: str, url: str) -> str:
+    """The EVENTS_API_URL that a redirect's Location implies ('<its base>' when unclear)."""
+    target = httpx.URL(url).join(location) if location else None
+    if target is None or not target.path.endswith("/events"):
+        return "the new base URL (without /events)"
+    parts = urlsplit(str(target))
+    return f"{parts.scheme}://{parts.netloc}{parts.path.removesuffix('/events')}"
+
+
+def _write_body(response: httpx.Response, destination: Path, cancellation: Cancellation) -> int:
+    size = 0
+    try:
+        with cancellation.writing():
+            file = destination.open("wb")
+        with file:
+            for chunk in response.iter_bytes(1 << 20):
+                with cancellation.writing():
+                    file.write(chunk)
+                size += len(chunk)
+    except DownloadCancelled:
+        destination.unlink(missing_ok=True)
+        raise
+    return size
+
+
+def _framing(response: httpx.Response) -> str:
+    if "chunked" in response.headers.get("transfer-encoding", "").lower():
+        return "chunked"
+    if "content-length" in response.headers:
+        return "content-length"
+    return "close"
+
+
+def _media_type(response: httpx.Response) -> str:
+    return response.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _check_complete(delivery: Delivery, *, what: str, url: str) -> None:
+    """Refuse an answer that does not prove it is the whole window (see the module docstring).
+
+    Raises EventSourceError, or _Incomplete for a close-delimited array cut short (retried).
+    """
+    fmt = json_format(delivery.path)
+    close_delimited = delivery.framing == "close"
+    if fmt == "array":
+        if _last_byte(delivery.path) != b"]":
+            problem = (
+                "the connection closed before its closing ']' (cut in transit)"
+                if close_delimited
+                else "it ends without its closing ']'"
+            )
+            if close_delimited:
+                raise _Incomplete(f"incomplete JSON array: {problem}")
+            raise EventSourceError(
+                f"The {what} from {url} is an incomplete JSON array: {problem}; nothing was "
+                "written. A complete answer ends with ']' (an empty day is `[]`)."
+            )
+        return
+    if close_delimited:
+        shape = "an empty body" if fmt is None else "NDJSON"
+        raise EventSourceError(
+            f"The {what} from {url} came as {shape} whose end was marked only by the connection "
+            "closing (no Content-Length, not chunked): a cut between two lines would look like "
+            "a shorter day, so it is refused and nothing was written. Serve it with "
+            "Content-Length or chunked transfer encoding (HTTP/1.1), or as a JSON array."
+        )
+    if fmt is None and delivery.media_type not in NDJSON_TYPES:
+        raise EventSourceError(
+            f"The {what} from {url} is an empty body (Content-Type "
+            f"{delivery.media_type or 'missing'}), which does not prove an empty day: an empty "
+            "day is `[]`, or an empty answer declared as NDJSON (Content-Type "
+            "application/x-ndjson). Nothing was written."
+        )
+
+
+def _last_byte(path: Path) -> bytes:
+    """The last non-whitespace byte of a file (b'' if none), read from its tail only."""
+    with path.open("rb") as file:
+        end = file.seek(0, 2)
+        while end > 0:
+            start = max(0, end - 4096)
+            file.seek(start)
+            block = file.read(end - start).rstrip(_WHITESPACE)
+            if block:
+                return block[-1:]
+            end = start
+    return b""
 
 
 def json_format(path: Path) -> str | None:
@@ -161,7 +351,8 @@ order by problem
 # One row per event: the delivery's own event_id, or for records without one (the book's shape)
 # md5 of (user, UTC timestamp, event_type, ordinal among identical records). Identical records
 # thus stay distinct events, and the same delivery always gives the same ids. An event_id
-# delivered more than once is kept once (deterministically: the earliest, then smallest, copy).
+# delivered more than once is kept once, deterministically: a copy dated in the requested day
+# first (so a copy outside the window never hides one inside), then the earliest, smallest.
 _STAGED_SQL = """
 create or replace temp table staged as
 with numbered as (
@@ -193,7 +384,8 @@ identified as (
 select *
 from identified
 qualify row_number() over (
-    partition by event_id order by event_at, user_id, event_type nulls first
+    partition by event_id
+    order by event_date = $event_date desc, event_at, user_id, event_type nulls first
 ) = 1
 """
 
@@ -210,11 +402,12 @@ from delivered
 
 
 def stage_events(
-    connection: duckdb.DuckDBPyConnection, path: Path, *, what: str, url: str
+    connection: duckdb.DuckDBPyConnection, path: Path, *, what: str, url: str, event_date: date
 ) -> tuple[int, int]:
     """Parse the downloaded file into the temp table `staged` and validate every record.
 
-    `staged` has the columns of raw.events except load_id, one row per event_id. Returns
+    `staged` has the columns of raw.events except load_id, one row per event_id (preferring a
+    copy dated `event_date`, the requested day, when an id comes more than once). Returns
     (records delivered, duplicate event_ids dropped). Raises EventSourceError naming `what`
     and `url` for malformed JSON or invalid records; then nothing has been written.
     """
@@ -245,7 +438,10 @@ def stage_events(
         "count(event_id_text) - count(distinct event_id_text) from delivered"
     ).fetchall()
     # The common case (every record has a distinct event_id) needs no window functions.
-    connection.execute(_STAGED_SQL if without_id or repeated else _STAGED_PLAIN_SQL)
+    if without_id or repeated:
+        connection.execute(_STAGED_SQL, {"event_date": event_date})
+    else:
+        connection.execute(_STAGED_PLAIN_SQL)
     ((delivered, staged),) = connection.execute(
         "select (select count(*) from delivered), (select count(*) from staged)"
     ).fetchall()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from raw_http_server import RawHttpServer
 
 from event_pipeline import settings
 from event_pipeline.events import process as events_process
@@ -84,6 +85,15 @@ def events_api_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Even
     yield _events_api_starter(tmp_path_factory.mktemp("events-api"), started)
     for process in started:
         stop_process(process)
+
+
+@pytest.fixture
+def raw_source() -> Iterator[RawHttpServer]:
+    """A test-only HTTP server (tests/raw_http_server.py) that answers as scripted, even wrongly:
+    any status, headers, framing, and a body cut at any byte."""
+    server = RawHttpServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture

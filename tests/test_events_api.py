@@ -159,6 +159,26 @@ BAD_QUERIES = [
 ]
 
 
+@pytest.mark.parametrize("volume", [0, 5])
+@pytest.mark.parametrize("ndjson", [False, True], ids=["json", "ndjson"])
+def test_every_answer_proves_it_is_complete(events_api_module, volume, ndjson):
+    """The source contract, server side: 200, chunked (so a cut shows), an array closed by ']',
+    and an empty day either `[]` or an empty body declared as NDJSON."""
+    url = events_api_module(events_per_day=volume)
+    with httpx.stream(
+        "GET", events_url(url, "2019-01-01", "2019-01-02"), headers=NDJSON if ndjson else {}
+    ) as response:
+        body = response.read()
+    assert response.status_code == 200
+    assert response.headers["transfer-encoding"] == "chunked"
+    media_type = response.headers["content-type"].split(";")[0]
+    assert media_type == ("application/x-ndjson" if ndjson else "application/json")
+    if ndjson:
+        assert len(body.splitlines()) == volume and (body == b"" or body.endswith(b"\n"))
+    else:
+        assert body.rstrip().endswith(b"]") and len(json.loads(body)) == volume
+
+
 def test_bad_parameters_get_a_400_that_says_why(generated):
     base = generated
     for query, message in BAD_QUERIES:

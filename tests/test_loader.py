@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -23,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port, stop_process, wait_for_http
+from raw_http_server import Answer
 
 from event_pipeline import warehouse as wh
 from event_pipeline.loader import load_range, partition_checksum
@@ -187,18 +190,76 @@ def test_same_event_id_twice_is_stored_once(events_api, warehouse, tmp_path):
     assert ledger(warehouse)[-1]["duplicates"] == 1
 
 
-def test_event_redated_to_another_stored_date_is_refused(events_api, warehouse, tmp_path):
+def test_a_copy_outside_the_window_does_not_hide_the_copy_inside(raw_source, warehouse):
+    """An event_id delivered twice, once dated in the day and once outside, is stored once."""
+    raw_source.script(
+        Answer(
+            body=json.dumps(
+                [
+                    event("x", "2018-12-31T23:00:00Z"),  # earlier, outside the window
+                    event("x", "2019-01-01T08:00:00+05:00"),  # 03:00 UTC: inside
+                    event("y", "2019-01-01T09:00:00Z"),
+                    event("y", "2019-01-02T00:00:00Z"),  # later, outside
+                    event("z", "2019-01-02T01:00:00Z"),  # only outside
+                    event("z", "2018-12-31T01:00:00Z"),
+                ]
+            ).encode()
+        )
+    )
+    (result,) = load_range(D, api_url=raw_source.url, warehouse_path=warehouse)
+    assert [(row[0], row[3]) for row in stored(warehouse)] == [
+        ("x", datetime(2019, 1, 1, 3)),
+        ("y", datetime(2019, 1, 1, 9)),
+    ]
+    assert (result.rows, result.duplicates, result.out_of_window) == (2, 3, 1)
+    assert ledger(warehouse)[-1]["rows"] == 2
+
+
+def run_advice(message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the `event-stats load ...` commands quoted in an error message, as a user would."""
+    (quoted,) = re.findall(r"`(event-stats load [^`]*)`", message)
+    monkeypatch.delenv("EVENTS_API_URL", raising=False)
+    for command in quoted.split(" && "):
+        words = shlex.split(command)
+        assert words[:2] == ["event-stats", "load"]
+        done = subprocess.run(
+            [sys.executable, "-m", "event_pipeline.cli", *words[1:]],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("stored_on", "moved_to"),
+    [(D, D1), (D1, D)],
+    ids=["moved-forwards", "moved-backwards"],
+)
+def test_a_redated_event_is_refused_with_a_command_that_fixes_it(
+    events_api, warehouse, tmp_path, monkeypatch, stored_on, moved_to
+):
     data = tmp_path / "replay"
-    write_replay(data, [event("m", "2019-01-01T08:00:00Z")])
+    others = [event("a", "2019-01-01T01:00:00Z"), event("b", "2019-01-02T01:00:00Z")]
+    write_replay(data, [*others, event("m", f"{stored_on}T08:00:00Z")])
     url = events_api(data_dir=data)
-    load_range(D, api_url=url, warehouse_path=warehouse)
-    write_replay(data, [event("m", "2019-01-02T08:00:00Z")])  # the source corrected its date
-    with pytest.raises(EventSourceError, match=r"2019-01-02.*m \(stored under 2019-01-01\)"):
-        load_range(D1, api_url=url, warehouse_path=warehouse)
-    assert stored(warehouse, D1) == []
-    # Loading the range in order moves it: Jan 1 drops it, then Jan 2 takes it.
     load_range(D, D + timedelta(days=2), api_url=url, warehouse_path=warehouse)
-    assert [(row[0], row[4]) for row in stored(warehouse)] == [("m", D1)]
+    write_replay(data, [*others, event("m", f"{moved_to}T08:00:00Z")])  # the source corrected it
+    with pytest.raises(EventSourceError) as error:
+        load_range(moved_to, api_url=url, warehouse_path=warehouse)
+    message = str(error.value)
+    assert f"m (stored under {stored_on})" in message and "nothing was written" in message
+    assert [(row[0], row[4]) for row in stored(warehouse)] == [
+        ("a", D),
+        ("b", D1),
+        ("m", stored_on),
+    ]
+    run_advice(message, monkeypatch)
+    assert [(row[0], row[4]) for row in stored(warehouse)] == [
+        ("a", D),
+        ("b", D1),
+        ("m", moved_to),
+    ]
 
 
 def test_events_outside_the_window_are_counted_not_written(
@@ -370,7 +431,7 @@ def test_client_error_fails_at_once(events_api, warehouse, loaded_day, monkeypat
     [
         (
             '[{"event_id": "a", "user": "u", "timestamp": "2019-01-01T00:00:00Z"',
-            "could not be read as JSON",
+            "incomplete JSON array",
         ),
         ("[1, 2]", "could not be read as JSON"),
         ([{"event_id": "a", "timestamp": "2019-01-01T10:00:00Z"}], 'missing "user"'),
@@ -396,7 +457,9 @@ def test_invalid_delivery_names_date_url_and_problem(
     assert len(ledger(warehouse)) == 1
 
 
-def test_accepts_ndjson_and_an_empty_body(static_source, warehouse):
+def test_accepts_ndjson_and_refuses_an_empty_body_that_proves_nothing(static_source, warehouse):
+    # Deliberate change: an empty body served as application/octet-stream used to empty the day.
+    # An empty day must now come as `[]` or as an empty NDJSON answer (see test_sources.py).
     write, url = static_source
     write(
         json.dumps(event("n1", "2019-01-01T01:00:00Z"))
@@ -406,7 +469,12 @@ def test_accepts_ndjson_and_an_empty_body(static_source, warehouse):
     )
     (result,) = load_range(D, api_url=url, warehouse_path=warehouse)
     assert result.rows == 2
+    before = stored(warehouse)
     write("")
+    with pytest.raises(EventSourceError, match="does not prove an empty day"):
+        load_range(D, api_url=url, warehouse_path=warehouse)
+    assert stored(warehouse) == before
+    write("[]")
     (result,) = load_range(D, api_url=url, warehouse_path=warehouse)
     assert (result.rows, result.changed) == (0, True)
     assert stored(warehouse) == []
