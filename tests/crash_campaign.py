@@ -31,9 +31,11 @@ import asyncio
 import json
 import os
 import random
+import re
 import secrets
 import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -104,16 +106,24 @@ class Run:
 def run_step(
     argv: Sequence[str], env: dict[str, str], log: Path, kill_after: float | None = None
 ) -> Run:
-    """Run the step; with `kill_after`, SIGKILL it (by its PID) that many seconds after start."""
+    """Run the step; with `kill_after`, SIGKILL it (its process group, by the step's PID) that
+    many seconds after its start."""
     with log.open("ab") as output:
         started = time.monotonic()
+        # Its own process group: the kill takes its children too (dbt's multiprocessing
+        # resource tracker), as a crash of the machine or container would.
         process = subprocess.Popen(
-            argv, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
+            argv,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         killed_at = None
         if kill_after is not None and not _exits_within(process, kill_after):
             killed_at = time.monotonic() - started
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
         code = process.wait()
         return Run(code, time.monotonic() - started, killed_at)
 
@@ -207,6 +217,7 @@ class Lab:
             "DBT_LOG_PATH": str(self.work / "dbt-logs"),
             "TMPDIR": str(self.work / "tmp"),  # what a killed loader leaves is removed per trial
             "DO_NOT_TRACK": "1",
+            "PYTHONUNBUFFERED": "1",  # a killed step's last output line says where it was
         }
 
     def restore(self, state: str | None) -> None:
@@ -289,7 +300,9 @@ def _dbt_build(start: date, end: date) -> list[str]:
 
 
 def _load(api_url: str, start: date, end: date) -> list[str]:
-    return [*_event_stats(), "load", "--start", str(start), "--end", str(end), "--api-url", api_url]
+    """-v: the loader logs each date's transaction, so a trial's last output shows kills in it."""
+    dates = ["--start", str(start), "--end", str(end)]
+    return [*_event_stats(), "-v", "load", *dates, "--api-url", api_url]
 
 
 def _email_to(count: int) -> dict[str, str]:
@@ -428,6 +441,7 @@ class Trial:
     outcome: str = ""  # old, partial, new (what the kill left) or finished (ended before it)
     done: int = 0
     units: int = 0
+    last_output: str = ""  # the killed run's last log line: where the kill fell
     in_flight: int = 0  # emails delivered by the killed run that its ledger did not record
     resends: int = 0  # SMTP: of those, delivered again (same Message-ID) by the rerun
     violations: list[str] = field(default_factory=list)
@@ -482,6 +496,7 @@ def _kill(lab: Lab, prepared: Prepared, trial: Trial) -> tuple[Snapshot, list[De
     lab.smtp.phase = "killed"
     killed = lab.run(step.argv(lab), trial.label, kill_after=trial.kill_after, env=step.env)
     trial.killed_at = killed.killed_at
+    trial.last_output = last_line(lab.work / "logs" / f"{trial.label}.log")
     after_kill = lab.snapshot()
     lab.save("last-kill")
     from_killed = lab.smtp.take()
@@ -565,7 +580,22 @@ def describe(trial: Trial) -> str:
         what += f", {trial.in_flight} email in flight (delivered, not in the ledger)"
     rerun = f"rerun resent {trial.resends} (same Message-ID)" if trial.resends else "rerun"
     verdict = f"{len(trial.violations)} VIOLATION(S)" if trial.violations else "ok"
-    return f"[{trial.step:<12} {trial.number:>2}] {what}; {rerun}; {verdict}"
+    line = f"[{trial.step:<12} {trial.number:>2}] {what}; {rerun}; {verdict}"
+    if trial.killed_at is not None:
+        line += f"\n    its last output: {trial.last_output[:90] or '(none)'}"
+    return line
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LOG_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2} )?\d{2}:\d{2}:\d{2}(,\d+)?\s+")
+_LIBRARY_DEBUG = re.compile(r"\bDEBUG (?!event_pipeline)")  # httpx, httpcore: not a stage
+
+
+def last_line(log: Path) -> str:
+    """The last line a run wrote about its own work, without colours and time stamps."""
+    lines = [_ANSI.sub("", line).strip() for line in log.read_text(errors="replace").splitlines()]
+    lines = [line for line in lines if line and not _LIBRARY_DEBUG.search(line)]
+    return _LOG_TIME.sub("", lines[-1]) if lines else ""
 
 
 # --- the campaign ----------------------------------------------------------------------------
