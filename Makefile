@@ -13,6 +13,8 @@ env:
 		|| $(PYTHON) -m pip install --quiet uv \
 		|| $(PYTHON) -m pip install --quiet --user --break-system-packages uv
 	$(UV) sync --locked
+	@# the DuckLake extensions, from their PyPI packages into DuckDB's extension directory
+	$(RUN) python -c "from event_pipeline.warehouse import lake; lake.install_extensions()"
 
 run: env
 	$(RUN) event-stats run

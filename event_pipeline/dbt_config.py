@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from dbt.cli.main import dbtRunnerResult
 
 PROFILE_NAME = "event_stats"
-TARGET_NAME = "dev"
 # dbt_manifest's cache, inside the project's (git-ignored) target/: <key>/manifest.json.
 MANIFEST_CACHE = Path("target") / "cosmos-manifest"
 MANIFESTS_KEPT = 3
@@ -49,6 +48,15 @@ def dbt_env(warehouse_path: Path | None = None) -> dict[str, str]:
     """Environment variables every dbt run of this project needs, as absolute paths."""
     path = Path(warehouse_path) if warehouse_path else settings.warehouse_path()
     return {"WAREHOUSE_PATH": str(path.expanduser().resolve())}
+
+
+def target_name(warehouse_path: Path | None = None) -> str:
+    """The profiles.yml target of the warehouse's storage: `dev` (a DuckDB file) or `lake`
+    (a DuckLake directory), as profiles.yml itself chooses from WAREHOUSE_PATH."""
+    from event_pipeline.warehouse import lake
+
+    path = Path(warehouse_path) if warehouse_path else settings.warehouse_path()
+    return "lake" if lake.is_lake(path) else "dev"
 
 
 def dbt_executable() -> Path:
@@ -106,7 +114,7 @@ def profile_config() -> ProfileConfig:
     """The repository's profiles.yml, the same file a person uses with --profiles-dir ."""
     return _cosmos().ProfileConfig(
         profile_name=PROFILE_NAME,
-        target_name=TARGET_NAME,
+        target_name=target_name(),
         profiles_yml_filepath=settings.dbt_profiles_dir() / "profiles.yml",
     )
 

@@ -17,7 +17,11 @@ def _path(name: str, default: Path) -> Path:
 
 
 def warehouse_path() -> Path:
-    """The DuckDB file that holds raw.events and analytics.event_stats."""
+    """The warehouse ($WAREHOUSE_PATH): raw.events, analytics.event_stats and the ledgers.
+
+    A path ending in `.duckdb` is one DuckDB file (the default); any other path is a DuckLake
+    directory, PATH/catalog.sqlite and PATH/data/ (opt-in; see docs/STORAGE.md).
+    """
     return _path("WAREHOUSE_PATH", REPO_ROOT / "data" / "warehouse.duckdb")
 
 

@@ -225,7 +225,11 @@ def test_sigterm_to_an_airflow_task_interrupts_the_load_cleanly(
     log = tmp_path / "task.log"
     env = {**os.environ, "TMPDIR": str(tmpdir_env), "EVENTS_API_URL": url}
     command = [sys.executable, "-m", "event_pipeline.cli", "airflow", "tasks", "test"]
-    command += ["event_stats", "load_raw_events", "2026-01-05"]
+    command += [
+        "event_stats",
+        "load_raw_events",
+        "2026-04-17",
+    ]  # a date no other test runs: the session's Airflow DB keeps their task instances
     with log.open("w") as output:
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:
@@ -242,7 +246,7 @@ def test_sigterm_to_an_airflow_task_interrupts_the_load_cleanly(
             process.kill()
             process.wait()
     text = log.read_text()
-    assert "load interrupted by SIGTERM: 2026-01-05 unchanged" in text, text[-3000:]
+    assert "load interrupted by SIGTERM: 2026-04-17 unchanged" in text, text[-3000:]
     assert "up_for_retry" in text
     assert download_dirs(tmpdir_env) == []
     if warehouse.exists():  # nothing was written: no table, or an empty one

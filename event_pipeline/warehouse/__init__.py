@@ -1,8 +1,12 @@
-"""The warehouse: the one home of warehouse SQL. This module opens the DuckDB file.
+"""The warehouse: the one home of warehouse SQL. This module opens it.
+
+$WAREHOUSE_PATH chooses the storage (`connect`, the one place that decides): a path ending in
+`.duckdb` is one DuckDB file (the default, data/warehouse.duckdb); any other path is a DuckLake
+directory (opt-in, see lake.py), attached so that the same table names resolve.
 
 DuckDB allows one process to hold a database file at a time. `connect` waits, with a bounded
 retry, while another process (a load, dbt, a user's SQL shell) holds the lock, then fails with a
-message naming the holder.
+message naming the holder. A DuckLake has no such lock.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 import duckdb
 
 from event_pipeline import settings
+from event_pipeline.warehouse import lake
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +75,13 @@ def connect(
     read_only: bool = False,
     lock_timeout: float | None = None,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open the warehouse, waiting up to `lock_timeout` seconds for another process's lock."""
+    """Open the warehouse at `path` (default $WAREHOUSE_PATH): a DuckDB file, waiting up to
+    `lock_timeout` seconds for another process's lock, or a DuckLake directory."""
     path = Path(path) if path else settings.warehouse_path()
+    if lake.is_lake(path):
+        with lake.connect(path, read_only=read_only) as connection:
+            yield connection
+        return
     timeout = settings.warehouse_lock_timeout() if lock_timeout is None else lock_timeout
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,4 +113,4 @@ def connect(
 def ensure_raw_schema(connection: duckdb.DuckDBPyConnection) -> None:
     """Create raw.events and the raw.load_log ledger if they do not exist."""
     connection.execute(RAW_SCHEMA_DDL)
-    connection.execute(LOAD_LOG_DDL)
+    connection.execute(lake.table_ddl(connection, LOAD_LOG_DDL))

@@ -14,6 +14,8 @@ from datetime import UTC, date, datetime
 
 import duckdb
 
+from event_pipeline.warehouse import lake
+
 SENDING = "sending"  # intent recorded, outcome not (yet) known
 SENT = "sent"  # the transport returned: SMTP server accepted it, or the outbox file is written
 
@@ -75,7 +77,7 @@ def _now() -> datetime:
 
 def ensure_email_log(connection: duckdb.DuckDBPyConnection) -> None:
     """Create ops.email_log, or upgrade an older one in place. Idempotent."""
-    connection.execute(EMAIL_LOG_DDL)
+    connection.execute(lake.table_ddl(connection, EMAIL_LOG_DDL))
     columns = {
         row[0]: row[1]
         for row in connection.execute(

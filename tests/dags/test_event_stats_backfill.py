@@ -155,7 +155,10 @@ def test_a_backfill_with_concurrent_runs_succeeds_for_every_day(
     assert any(a[0] < b[1] and b[0] < a[1] for a in spans for b in spans if a is not b), spans
     with create_session() as session:
         tis = session.scalars(
-            select(TaskInstance).where(TaskInstance.dag_id == "event_stats")
+            select(TaskInstance).where(
+                TaskInstance.dag_id == "event_stats",
+                TaskInstance.run_id.in_([r.run_id for r in finished]),
+            )
         ).all()
         rows = [(ti.task_id, ti.pool, ti.try_number, ti.start_date, ti.end_date) for ti in tis]
     # ... but their tasks ran one at a time, in the pool, each succeeding at the first try.

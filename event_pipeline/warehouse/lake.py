@@ -1,0 +1,127 @@
+"""The warehouse as a DuckLake: a directory holding a SQLite catalog and Parquet data files.
+
+Opt-in: a $WAREHOUSE_PATH that does not end in `.duckdb` names a DuckLake directory,
+PATH/catalog.sqlite (the catalog: tables, snapshots, which files hold which rows) and PATH/data/
+(the Parquet files). It is attached to an in-memory DuckDB as the catalog `warehouse` and made
+the default one, so raw.events, analytics.event_stats and ops.* resolve as in the DuckDB file.
+profiles.yml attaches it the same way for dbt.
+
+The extensions come from PyPI (the packages duckdb-extension-ducklake and -sqlite-scanner) and
+are installed into DuckDB's extension directory on first use (and by `make env`); DuckDB itself
+never downloads one (autoinstall is off).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+import duckdb
+
+CATALOG_NAME = "warehouse"
+CATALOG_FILE = "catalog.sqlite"
+DATA_DIR = "data"
+EXTENSIONS = ("ducklake", "sqlite_scanner")
+# Settings of every connection: never download an extension; load them from the PyPI packages.
+CONFIG = {"autoinstall_known_extensions": False}
+
+
+def is_lake(path: Path) -> bool:
+    """A path ending in `.duckdb` is a DuckDB file; any other path is a DuckLake directory."""
+    return Path(path).suffix != ".duckdb"
+
+
+def attach_sql(path: Path, *, read_only: bool = False) -> str:
+    """The ATTACH statement of the lake at `path`, as a plain `duckdb` shell can run it."""
+    path = Path(path)
+    options = [f"data_path '{_quoted(path / DATA_DIR)}/'"]
+    if read_only:
+        options.append("read_only")
+    return (
+        f"attach if not exists 'ducklake:sqlite:{_quoted(path / CATALOG_FILE)}' "
+        f"as {CATALOG_NAME} ({', '.join(options)})"
+    )
+
+
+def install_extensions(connection: duckdb.DuckDBPyConnection | None = None) -> None:
+    """Load the DuckLake and SQLite extensions, installing them from their PyPI packages into
+    DuckDB's extension directory when missing (a fresh HOME, a new DuckDB version). Without a
+    connection (`make env`), only install them, for dbt and the `duckdb` shell."""
+    from duckdb_extensions import import_extension
+
+    if connection is None:
+        with duckdb.connect(config=CONFIG) as connection:
+            install_extensions(connection)
+        return
+    for name in EXTENSIONS:
+        try:
+            connection.execute(f"load {name}")
+        except duckdb.IOException:
+            import_extension(name, con=connection)
+            connection.execute(f"load {name}")
+
+
+@contextmanager
+def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB with the lake at `path` attached as `warehouse` and in use.
+
+    Writing creates the lake when it does not exist; reading a missing lake fails (the catalog
+    cannot be opened) and creates nothing.
+    """
+    path = Path(path)
+    if not read_only:
+        (path / DATA_DIR).mkdir(parents=True, exist_ok=True)
+        use_wal(path / CATALOG_FILE)
+    connection = duckdb.connect(config=CONFIG)
+    try:
+        # In-memory DuckDB spills to ./.tmp by default; keep spill files beside the data.
+        connection.execute(f"set temp_directory = '{_quoted(path / 'tmp')}'")
+        install_extensions(connection)
+        connection.execute(attach_sql(path, read_only=read_only))
+        connection.execute(f"use {CATALOG_NAME}")
+        yield connection
+    finally:
+        connection.close()
+
+
+def use_wal(catalog: Path) -> None:
+    """Put the SQLite catalog in WAL mode (kept in the file; creates an empty catalog, which
+    DuckLake fills on ATTACH). In SQLite's default rollback journal, a reader inside a
+    transaction blocks a writer's commit, and readers querying in a loop delay it; in WAL mode
+    neither does (docs/STORAGE.md has the figures)."""
+    with closing(sqlite3.connect(catalog, timeout=30)) as database:
+        (mode,) = database.execute("pragma journal_mode").fetchone()
+        if mode != "wal":
+            database.execute("pragma journal_mode = wal")
+
+
+def is_lake_connection(connection: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the connection's default catalog is a DuckLake."""
+    rows = connection.execute(
+        "select type from duckdb_databases() where database_name = current_database()"
+    ).fetchall()
+    return bool(rows) and rows[0][0] == "ducklake"
+
+
+# A table constraint (with the comma before it and a comment after that comma) or a column's.
+_PRIMARY_KEY = re.compile(
+    r",[ \t]*(--[^\n]*)?\s*primary key\s*\([^)]*\)|\s+primary key\b", re.IGNORECASE
+)
+
+
+def table_ddl(connection: duckdb.DuckDBPyConnection, ddl: str) -> str:
+    """`ddl` as the storage of `connection` accepts it: unchanged for a DuckDB file."""
+    return without_keys(ddl) if is_lake_connection(connection) else ddl
+
+
+def without_keys(ddl: str) -> str:
+    """`ddl` without PRIMARY KEY clauses, which DuckLake does not support: on a lake the
+    writers keep those keys unique (see docs/STORAGE.md)."""
+    return _PRIMARY_KEY.sub("", ddl)
+
+
+def _quoted(path: Path) -> str:
+    return str(path).replace("'", "''")
