@@ -6,7 +6,7 @@ PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 RUN := $(UV) run --locked
 
-.PHONY: env run test lint format ui bench clean
+.PHONY: env run test lint format ui bench crash clean
 
 env:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 \
@@ -38,6 +38,12 @@ ui: env
 # Speed and memory goals as ratios (about 1.5 min; not part of `make test`).
 bench: env
 	$(RUN) python benchmarks/bench.py
+
+# SIGKILL every step at random moments and check what it leaves; writes the figures into
+# docs/RELIABILITY.md (about 10 minutes; `make test` runs a quick version). Options, e.g.
+# make crash CRASH_ARGS="--steps loader --trials 5 --seed 42"
+crash: env
+	$(RUN) python tests/crash_campaign.py $(CRASH_ARGS)
 
 clean:
 	rm -rf .airflow data dbt_project/target dbt_project/logs dbt_project/dbt_packages logs
