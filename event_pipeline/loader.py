@@ -40,6 +40,8 @@ from types import FrameType
 import duckdb
 
 from event_pipeline import settings, sources, warehouse
+from event_pipeline.warehouse import raw
+from event_pipeline.warehouse.raw import partition_checksum  # noqa: F401 (tests and tools use it)
 
 log = logging.getLogger(__name__)
 
@@ -69,47 +71,6 @@ class LoadResult:
     load_id: str
     source_url: str
     seconds: float
-
-
-# Order-independent content checksum: sums of the two 64-bit halves of each row's md5, plus the
-# row count. It needs no sort and no giant string, so a 1M-row partition costs a single scan.
-_CHECKSUM_SQL = """
-select
-    count(*),
-    coalesce(sum(md5_number_upper(row_key)), 0),
-    coalesce(sum(md5_number_lower(row_key)), 0)
-from (
-    select concat_ws(
-        chr(31), event_id, user_id, coalesce(event_type, chr(0)),
-        strftime(event_at, '%Y-%m-%dT%H:%M:%S.%f')
-    ) as row_key
-    from {relation}
-    where event_date = ?
-)
-"""
-
-
-def partition_checksum(
-    connection: duckdb.DuckDBPyConnection, event_date: date, relation: str = "raw.events"
-) -> tuple[int, str]:
-    """(rows, checksum) of the events of `event_date` in `relation` (load_id is not content)."""
-    ((rows, upper, lower),) = connection.execute(
-        _CHECKSUM_SQL.format(relation=relation), [event_date]
-    ).fetchall()
-    return rows, f"{rows}-{upper:x}-{lower:x}"
-
-
-def _fingerprint(connection: duckdb.DuckDBPyConnection, event_date: date, relation: str) -> tuple:
-    """A fast content fingerprint to compare two partitions within one process.
-
-    DuckDB's hash() is 10x cheaper than md5 but may differ between DuckDB versions, so it only
-    compares the stored and the new partition here; the ledger keeps the md5 checksum.
-    """
-    return connection.execute(
-        f"select count(*), coalesce(sum(hash(event_id, user_id, event_type, event_at)), 0) "
-        f"from {relation} where event_date = ?",
-        [event_date],
-    ).fetchall()[0]
 
 
 @dataclass(frozen=True)
@@ -294,21 +255,11 @@ def _check_not_stored_elsewhere(
     The remedy reloads the other date(s) first (which drops the event there), then resumes
     at this date: that works whether the event moved forwards or backwards.
     """
-    query = (
-        "select event_id, event_date from raw.events where event_date <> $day and event_id in "
-        "(select event_id from staged where event_date = $day)"
-    )
-    examples = connection.execute(f"{query} order by all limit 3", {"day": event_date}).fetchall()
-    if not examples:
+    found = raw.stored_elsewhere(connection, event_date, sources.STAGED)
+    if found is None:
         return
-    stored_under = [
-        day
-        for (day,) in connection.execute(
-            f"select distinct event_date from ({query}) order by 1", {"day": event_date}
-        ).fetchall()
-    ]
-    listed = ", ".join(f"{event_id} (stored under {day})" for event_id, day in examples)
-    commands = [source.command(day, day + timedelta(days=1)) for day in stored_under]
+    listed = ", ".join(f"{event_id} (stored under {day})" for event_id, day in found.examples)
+    commands = [source.command(day, day + timedelta(days=1)) for day in found.stored_under]
     commands.append(source.command(event_date, end))
     raise sources.EventSourceError(
         f"{event_date}: the source ({source.url(event_date)}) now dates event(s) {listed} to "
@@ -333,10 +284,7 @@ def _stage(
     _, duplicates = sources.stage_events(
         connection, path, what=what, url=url, event_date=event_date
     )
-    outside = connection.execute(
-        "select event_date, count(*) from staged where event_date <> ? group by all order by 1",
-        [event_date],
-    ).fetchall()
+    outside = raw.out_of_window(connection, event_date, sources.STAGED)
     out_of_window = sum(count for _, count in outside)
     if outside:
         log.warning(
@@ -352,8 +300,8 @@ def _stage(
             "%s: %d repeated event_id(s) in the delivery, stored once", event_date, duplicates
         )
     _check_not_stored_elsewhere(connection, event_date, source, end)
-    rows, checksum = partition_checksum(connection, event_date, relation="staged")
-    changed = _fingerprint(connection, event_date, "staged") != _fingerprint(
+    rows, checksum = raw.partition_checksum(connection, event_date, sources.STAGED)
+    changed = raw.fingerprint(connection, event_date, sources.STAGED) != raw.fingerprint(
         connection, event_date, "raw.events"
     )
     return _Staged(event_date, url, rows, checksum, changed, out_of_window, duplicates, started)
@@ -362,30 +310,20 @@ def _stage(
 def _write(connection: duckdb.DuckDBPyConnection, staged: _Staged, run_id: str) -> LoadResult:
     """Replace the partition (if changed) and write its ledger row in ONE transaction."""
     event_date = staged.event_date
-    load_id = f"{run_id}/{event_date.isoformat()}/{uuid.uuid4().hex[:12]}"
-    loaded_at = datetime.now(UTC).replace(tzinfo=None)
+    entry = raw.LoadLogEntry(
+        load_id=f"{run_id}/{event_date.isoformat()}/{uuid.uuid4().hex[:12]}",
+        run_id=run_id,
+        event_date=event_date,
+        rows=staged.rows,
+        checksum=staged.checksum,
+        changed=staged.changed,
+        out_of_window=staged.out_of_window,
+        duplicates=staged.duplicates,
+        source_url=staged.url,
+        loaded_at=datetime.now(UTC).replace(tzinfo=None),
+    )
     log.debug("%s: replacing the partition (%d rows) in one transaction", event_date, staged.rows)
-    connection.execute("begin transaction")
-    try:
-        if staged.changed:
-            connection.execute("delete from raw.events where event_date = ?", [event_date])
-            connection.execute(
-                "insert into raw.events (event_id, user_id, event_type, event_at, event_date, "
-                "load_id) select event_id, user_id, event_type, event_at, event_date, ? "
-                "from staged where event_date = ?",
-                [load_id, event_date],
-            )
-        connection.execute(
-            "insert into raw.load_log (load_id, run_id, event_date, rows, checksum, changed, "
-            "out_of_window, duplicates, source_url, loaded_at) "
-            "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [load_id, run_id, event_date, staged.rows, staged.checksum, staged.changed]
-            + [staged.out_of_window, staged.duplicates, staged.url, loaded_at],
-        )
-    except BaseException:
-        connection.execute("rollback")
-        raise
-    connection.execute("commit")
+    raw.replace_partition(connection, entry, sources.STAGED)
     log.debug("%s: committed", event_date)
     return LoadResult(
         event_date=event_date,
@@ -394,7 +332,7 @@ def _write(connection: duckdb.DuckDBPyConnection, staged: _Staged, run_id: str) 
         changed=staged.changed,
         out_of_window=staged.out_of_window,
         duplicates=staged.duplicates,
-        load_id=load_id,
+        load_id=entry.load_id,
         source_url=staged.url,
         seconds=time.monotonic() - staged.started,
     )
@@ -477,7 +415,6 @@ def _load_dates(
     results: list[LoadResult],
 ) -> None:
     """Load `dates` in order, appending each committed date's result to `results`."""
-    memory_limit = settings.loader_memory_limit().replace("'", "")
     end = dates[-1] + timedelta(days=1)
     pending = _Prefetch(source, directory, dates[0])
     try:
@@ -487,8 +424,7 @@ def _load_dates(
                 pending = _Prefetch(source, directory, dates[index + 1])
             try:
                 with warehouse.connect(source.warehouse_path) as connection:
-                    connection.execute(f"set memory_limit = '{memory_limit}'")
-                    warehouse.ensure_raw_schema(connection)
+                    raw.prepare_load(connection, settings.loader_memory_limit())
                     staged = _stage(connection, day, download.path, source, end)
                     with interrupts.deferred():
                         results.append(_write(connection, staged, run_id))

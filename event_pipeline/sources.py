@@ -40,6 +40,8 @@ import httpx
 
 log = logging.getLogger(__name__)
 
+STAGED = "staged"  # the temp table `stage_events` fills, read by warehouse.raw
+
 ACCEPT = "application/x-ndjson, application/json;q=0.9"
 NDJSON_TYPES = frozenset(
     {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
@@ -401,6 +403,13 @@ from delivered
 """
 
 
+_STAGED_EMPTY_SQL = """
+create or replace temp table staged (
+    event_id varchar, user_id varchar, event_type varchar, event_at timestamp, event_date date
+)
+"""
+
+
 def stage_events(
     connection: duckdb.DuckDBPyConnection, path: Path, *, what: str, url: str, event_date: date
 ) -> tuple[int, int]:
@@ -414,10 +423,7 @@ def stage_events(
     connection.execute("set TimeZone = 'UTC'")  # offset-less ISO timestamps are UTC
     fmt = json_format(path)
     if fmt is None:  # empty body: no events
-        connection.execute(
-            "create or replace temp table staged as select event_id, user_id, event_type, "
-            "event_at, event_date from raw.events limit 0"
-        )
+        connection.execute(_STAGED_EMPTY_SQL)
         return 0, 0
     try:
         connection.execute(_PARSED_SQL, [str(path), fmt])

@@ -28,8 +28,9 @@ from conftest import free_port, stop_process, wait_for_http
 from raw_http_server import Answer
 
 from event_pipeline import warehouse as wh
-from event_pipeline.loader import load_range, partition_checksum
+from event_pipeline.loader import load_range
 from event_pipeline.sources import EventSourceError
+from event_pipeline.warehouse.raw import partition_checksum
 
 D = date(2019, 1, 1)
 D1 = D + timedelta(days=1)

@@ -23,7 +23,8 @@ import pytest
 from raw_http_server import Answer
 
 from event_pipeline import warehouse as wh
-from event_pipeline.loader import DOWNLOAD_DIR_PREFIX, load_range, partition_checksum
+from event_pipeline.loader import DOWNLOAD_DIR_PREFIX, load_range
+from event_pipeline.warehouse.raw import partition_checksum
 
 D = date(2019, 1, 1)
 LOAD = [sys.executable, "-m", "event_pipeline.cli", "load"]

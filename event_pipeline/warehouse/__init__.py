@@ -1,4 +1,5 @@
-"""The warehouse: the one home of warehouse SQL. This module opens the DuckDB file.
+"""The warehouse: the one home of warehouse SQL. This module opens the DuckDB file; its
+modules hold the tables' DDL and queries (raw.py: raw.events and raw.load_log).
 
 DuckDB allows one process to hold a database file at a time. `connect` waits, with a bounded
 retry, while another process (a load, dbt, a user's SQL shell) holds the lock, then fails with a
@@ -17,41 +18,11 @@ from pathlib import Path
 import duckdb
 
 from event_pipeline import settings
+from event_pipeline.warehouse.raw import ensure_raw_schema
+
+__all__ = ["WarehouseLockedError", "connect", "ensure_raw_schema"]
 
 log = logging.getLogger(__name__)
-
-RAW_SCHEMA_DDL = """
-create schema if not exists raw;
-create table if not exists raw.events (
-    -- unique, enforced by the loader: with a primary key index, replacing a 1M-row partition
-    -- took 70 s instead of 0.7 s (DuckDB 1.5 deletes and re-inserts index entries row by row)
-    event_id    varchar   not null,
-    user_id     varchar   not null,
-    event_type  varchar,
-    event_at    timestamp not null,  -- UTC, without offset
-    event_date  date      not null,  -- UTC date of event_at: the partition key
-    load_id     varchar   not null   -- raw.load_log.load_id of the load that wrote the row
-);
-"""
-
-
-# The load ledger: one row per (load, date), written in the same transaction that replaces (or
-# keeps) the partition, so it always describes what raw.events holds.
-LOAD_LOG_DDL = """
-create schema if not exists raw;
-create table if not exists raw.load_log (
-    load_id        varchar   not null primary key,  -- raw.events.load_id of the rows it wrote
-    run_id         varchar   not null,  -- the Airflow run (or CLI invocation) that loaded
-    event_date     date      not null,  -- the partition
-    rows           bigint    not null,  -- rows in the partition after this load
-    checksum       varchar   not null,  -- content checksum of the partition (load_id excluded)
-    changed        boolean   not null,  -- false: content was identical, raw.events untouched
-    out_of_window  bigint    not null,  -- delivered events dated outside the date: not loaded
-    duplicates     bigint    not null,  -- repeated event_ids in the delivery, stored once
-    source_url     varchar   not null,
-    loaded_at      timestamp not null   -- UTC
-);
-"""
 
 
 class WarehouseLockedError(RuntimeError):
@@ -98,9 +69,3 @@ def connect(
         yield connection
     finally:
         connection.close()
-
-
-def ensure_raw_schema(connection: duckdb.DuckDBPyConnection) -> None:
-    """Create raw.events and the raw.load_log ledger if they do not exist."""
-    connection.execute(RAW_SCHEMA_DDL)
-    connection.execute(LOAD_LOG_DDL)
