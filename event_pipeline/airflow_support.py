@@ -109,3 +109,25 @@ def smtp_settings(conn_id: str | None = None) -> SmtpSettings | None:
 
 def _flag(value: object) -> bool:
     return value is True or str(value).strip().lower() in {"true", "1", "yes"}
+
+
+def check_status(through: date) -> dict[str, Any]:
+    """Log `event-stats status` for every date up to `through`; fail the task on any problem.
+
+    A problem fails it with AirflowFailException (no retries: a rerun finds the same ledgers);
+    other errors, a warehouse locked too long included, fail it normally, so it is retried.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from event_pipeline import status
+
+    report = status.read_report(end=through + timedelta(days=1))
+    log.info("event-stats status:\n%s", status.render_text(report))
+    if report.problems:
+        kinds = sorted({problem.kind for problem in report.problems})
+        raise AirflowFailException(
+            f"{len(report.problems)} problem(s) in the warehouse up to {through} "
+            f"({', '.join(kinds)}): see the report above, or `event-stats status --end "
+            f"{through + timedelta(days=1)}`"
+        )
+    return {"start": report.start.isoformat(), "end": report.end.isoformat(), "problems": 0}

@@ -157,6 +157,54 @@ def _add_sql_parser(commands: argparse._SubParsersAction) -> None:
     sql.set_defaults(handler=_sql)
 
 
+def _status(args: argparse.Namespace) -> int:
+    """Print what was loaded, built and emailed per date; exit 1 on gaps or stale dates."""
+    import json
+
+    from event_pipeline import status
+    from event_pipeline.warehouse import WarehouseLockedError
+
+    try:
+        report = status.read_report(args.start, args.end, warehouse_path=args.warehouse)
+    except (status.StatusUnavailableError, WarehouseLockedError) as error:
+        print(f"status: {error}", file=sys.stderr)
+        return status.EXIT_UNAVAILABLE
+    try:
+        if args.json:
+            print(json.dumps(status.report_json(report), indent=2))
+        else:
+            print(status.render_text(report), end="")
+    except BrokenPipeError:  # the reader stopped early (`| head`): the verdict still stands
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return report.exit_code
+
+
+def _add_status_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "status",
+        help="per date: loaded, built, emailed; gaps and stale dates (exit 1 when any)",
+        description="Per date of [start, end): raw rows loaded (when, source, run), stats built "
+        "(when, users, events), email sent (revision, recipients, when), and the problems: gaps "
+        "(not loaded, not built) and stale dates (raw changed after the build, email not sent "
+        "or holding other stats than the ones built now). Exit codes: 0 all well, 1 problems, "
+        "2 no report (no warehouse, locked, bad arguments).",
+    )
+    parser.add_argument(
+        "--start",
+        type=_iso_date,
+        help="first date, YYYY-MM-DD (default: the first date any ledger knows)",
+    )
+    parser.add_argument(
+        "--end",
+        type=_iso_date,
+        help="YYYY-MM-DD, exclusive (default: start + 1 day with --start, else today UTC, or "
+        "later if a later date was loaded)",
+    )
+    parser.add_argument("--json", action="store_true", help="the documented JSON object")
+    parser.add_argument("--warehouse", type=Path, help="DuckDB file (default: $WAREHOUSE_PATH)")
+    parser.set_defaults(handler=_status)
+
+
 def _print_sent(results: list[SendResult]) -> None:
     for result in results:
         print(f"{result.event_date} {result.recipient}: {result.status} {result.message_id}")
@@ -256,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.set_defaults(handler=_send_stats)
 
     _add_sql_parser(commands)
+    _add_status_parser(commands)
 
     airflow = commands.add_parser(
         "airflow",

@@ -115,7 +115,8 @@ def execution_config() -> ExecutionConfig:
     """Run dbt in the task's process (dbtRunner) with the venv's dbt.
 
     Indirect test selection "buildable": a model's `dbt build` also runs the tests whose other
-    parents are its ancestors, so the raw/stats reconcile test runs with event_stats, not before.
+    parents are its ancestors, so the raw/stats reconcile test runs with int_event_stats__audit
+    (the stats under test), before event_stats publishes them.
     """
     cosmos = _cosmos()
     return cosmos.ExecutionConfig(
@@ -132,9 +133,10 @@ def render_config(**overrides: Any) -> RenderConfig:
     database at parse (LoadMode.DBT_LS keeps its cache in an Airflow Variable, so a DAG import
     without the database failed). TestBehavior.BUILD makes one task per node: `dbt build` runs
     the model, then its tests, so a failing test stops everything downstream (stg_events__events
-    repeats the raw.events key checks, as Cosmos does not render source tests by default). A
-    task costs 5-10 s under the scheduler (dbt import and parse): 5 tasks per run, not 10 as
-    with a separate test task per model. `overrides` win.
+    repeats the raw.events key checks, as Cosmos does not render source tests by default); the
+    int_event_stats__audit task's tests gate the event_stats task, which publishes (write-audit-
+    publish). A task costs 5-10 s under the scheduler (dbt import and parse): 6 tasks per run,
+    fewer than with a separate test task per model. `overrides` win.
     """
     cosmos = _cosmos()
     options: dict[str, Any] = {

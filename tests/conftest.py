@@ -7,12 +7,11 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-import httpx
 import pytest
+import servers
 from raw_http_server import RawHttpServer
 
 from event_pipeline import settings
@@ -27,31 +26,12 @@ os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_AIRFLOW_HOME /
 os.environ.update(settings.airflow_env())
 
 
-free_port = events_process.free_port
-stop_process = events_process.stop
-
-
-def wait_for_http(url: str, server: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Wait until `url` answers 200 (for servers other than the events API)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"{server.args} exited with {server.returncode} before serving")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
 EventsApi = Callable[..., str]
 
 
 def _events_api_starter(log_dir: Path, started: list[subprocess.Popen]) -> EventsApi:
     def start(*, env: Mapping[str, str] | None = None, **options: object) -> str:
-        port = free_port()
+        port = servers.free_port()
         server = events_process.start(
             port, options=options, env=env, log_file=log_dir / f"events-api-{port}.log"
         )
@@ -74,7 +54,7 @@ def events_api(tmp_path: Path) -> Iterator[EventsApi]:
     started: list[subprocess.Popen] = []
     yield _events_api_starter(tmp_path, started)
     for process in started:
-        stop_process(process)
+        servers.stop_process(process)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +64,7 @@ def events_api_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Even
     started: list[subprocess.Popen] = []
     yield _events_api_starter(tmp_path_factory.mktemp("events-api"), started)
     for process in started:
-        stop_process(process)
+        servers.stop_process(process)
 
 
 @pytest.fixture

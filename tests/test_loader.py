@@ -24,8 +24,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, stop_process, wait_for_http
 from raw_http_server import Answer
+from servers import free_port, stop_process, wait_for_http
 
 from event_pipeline import warehouse as wh
 from event_pipeline.loader import load_range

@@ -37,7 +37,7 @@
 {% macro write_build_log() -%}
     {%- set date_range = processed_date_range() -%}
     {%- set log = build_log_relation() -%}
-    create schema if not exists {{ log.database }}.{{ log.schema }};
+    create schema if not exists {{ log.without_identifier() }};
     create table if not exists {{ log }} (
         event_date date not null,
         invocation_id varchar not null,

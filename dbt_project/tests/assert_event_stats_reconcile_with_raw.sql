@@ -1,8 +1,8 @@
 {#
-    For every processed date, the stats add up to the raw events of that date: the sum of
-    event_count equals the number of rows in raw.events. A date present on one side only fails
-    too (e.g. stale stats of a date whose raw partition became empty). Respects the vars
-    start_date/end_date; without them every date is checked.
+    For every processed date, the audited stats (not yet published) add up to the raw events of
+    that date: the sum of event_count equals the number of rows in raw.events. A date present on
+    one side only fails too. Respects the vars start_date/end_date; without them every date is
+    checked.
 #}
 
 with raw_counts as (
@@ -21,7 +21,7 @@ stats_counts as (
     select
         event_date,
         sum(event_count) as counted_events
-    from {{ ref('event_stats') }}
+    from {{ ref('int_event_stats__audit') }}
     where {{ processed_dates_filter('event_date') }}
     group by event_date
 

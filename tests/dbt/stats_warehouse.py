@@ -47,13 +47,15 @@ class Warehouse:
         with warehouse.connect(self.path) as connection:
             return connection.execute(sql, parameters or []).fetchall()
 
-    def dbt(self, *args: str, dbt_vars: Mapping[str, Any] | None = None) -> None:
+    def dbt(self, *args: str, dbt_vars: Mapping[str, Any] | None = None) -> list[Any]:
+        """Run `dbt <args>`; returns dbt's result of each node, in the order they ran."""
         target = self.dbt_dir / f"target-{vars_key(dbt_vars)}"
-        run_dbt(
+        result = run_dbt(
             [*args, "--quiet", "--target-path", str(target), "--log-path", str(self.dbt_dir)],
             dbt_vars=dbt_vars,
             warehouse_path=self.path,
         )
+        return list(getattr(result.result, "results", None) or [])
 
     def build(self, dbt_vars: Mapping[str, Any] | None = None, *args: str) -> None:
         self.dbt("build", *args, dbt_vars=dbt_vars)

@@ -159,30 +159,44 @@ def test_duplicate_raw_event_fails_the_build_before_the_stats_change(wh: Warehou
     assert wh.stats() == before
 
 
-def test_reconciliation_fails_on_tampered_stats_of_a_processed_date(wh: Warehouse) -> None:
+RECONCILE = "assert_event_stats_reconcile_with_raw"
+AUDIT_D2 = "audit.event_stats__20240302_20240303"
+
+
+def audit(wh: Warehouse, dbt_vars: dict[str, str] | None = None) -> None:
+    """Build the audit table (the stats under test) alone: no tests, no publish."""
+    wh.dbt("run", "--select", "+int_event_stats__audit", dbt_vars=dbt_vars)
+
+
+def test_reconciliation_fails_on_tampered_audited_stats_of_a_processed_date(
+    wh: Warehouse,
+) -> None:
     fill(wh)
-    wh.build()
-    wh.execute(
-        "update analytics.event_stats set event_count = event_count + 1 where event_date = ?", [D3]
-    )
+    audit(wh, date_vars(D2))
+    # Raw changes on other dates are not checked ...
+    wh.add_events([("new-d1", "u1", datetime(2024, 3, 1, 8))])
+    wh.add_events([("new-d3", "u1", datetime(2024, 3, 3, 8))])
+    wh.dbt("test", "--select", RECONCILE, dbt_vars=date_vars(D2))
 
-    # A date outside the processed range is not checked ...
-    wh.dbt("test", "--select", "assert_event_stats_reconcile_with_raw", dbt_vars=date_vars(D2))
-    # ... a processed one is, and its mismatch fails dbt.
-    with pytest.raises(DbtRunError, match="assert_event_stats_reconcile_with_raw"):
-        wh.dbt("test", "--select", "assert_event_stats_reconcile_with_raw", dbt_vars=date_vars(D3))
-    with pytest.raises(DbtRunError, match="assert_event_stats_reconcile_with_raw"):
-        wh.dbt("test", "--select", "assert_event_stats_reconcile_with_raw")
+    # ... a mismatch on the processed date fails dbt.
+    wh.execute(f"update {AUDIT_D2} set event_count = event_count + 1 where user_id = 'u3'")
+    with pytest.raises(DbtRunError, match=RECONCILE):
+        wh.dbt("test", "--select", RECONCILE, dbt_vars=date_vars(D2))
+
+    audit(wh)
+    wh.execute("update audit.event_stats__all set event_count = 7 where event_date = ?", [D3])
+    with pytest.raises(DbtRunError, match=RECONCILE):
+        wh.dbt("test", "--select", RECONCILE)
 
 
-def test_stale_stats_of_an_empty_date_fail_reconciliation(wh: Warehouse) -> None:
-    """The reconciliation test catches exactly what dbt-duckdb's own delete+insert leaves behind."""
+def test_audited_stats_of_a_date_gone_from_raw_fail_reconciliation(wh: Warehouse) -> None:
+    """Stats of a date with no raw events fail, as stats missing for a raw date do."""
     fill(wh)
-    wh.build()
+    audit(wh, date_vars(D2))
     wh.execute("delete from raw.events where event_date = ?", [D2])
 
-    with pytest.raises(DbtRunError, match="assert_event_stats_reconcile_with_raw"):
-        wh.dbt("test", "--select", "assert_event_stats_reconcile_with_raw", dbt_vars=date_vars(D2))
+    with pytest.raises(DbtRunError, match=RECONCILE):
+        wh.dbt("test", "--select", RECONCILE, dbt_vars=date_vars(D2))
 
 
 def test_end_date_not_after_start_date_is_refused(wh: Warehouse) -> None:
@@ -194,13 +208,19 @@ def test_end_date_not_after_start_date_is_refused(wh: Warehouse) -> None:
 def test_docs_generate_describes_every_column_of_every_model(wh: Warehouse) -> None:
     fill(wh)
     wh.build()
+    audit(wh)  # the publish drops it: built again, so that the catalog describes it
     wh.dbt("docs", "generate")
 
     target = next(wh.dbt_dir.glob(f"target-{vars_key(None)}"))
     manifest = json.loads((target / "manifest.json").read_text())
     catalog = json.loads((target / "catalog.json").read_text())
     models = [n for n in manifest["nodes"].values() if n["resource_type"] in ("model", "seed")]
-    assert {n["name"] for n in models} == {"stg_events__events", "event_stats", "event_types"}
+    assert {n["name"] for n in models} == {
+        "stg_events__events",
+        "int_event_stats__audit",
+        "event_stats",
+        "event_types",
+    }
     for node in models:
         assert node["description"], node["name"]
         documented = {name for name, column in node["columns"].items() if column["description"]}

@@ -1,10 +1,11 @@
 {#
-    Events per (date, user). Incremental delete+insert on the date partition: every date in
+    Events per (date, user), published from the audited stats (int_event_stats__audit, whose
+    tests dbt runs first). Incremental delete+insert on the date partition: every date in
     [var start_date, var end_date) is replaced whole, including dates that became empty in raw
     (meta.replace_where, see macros/delete_insert_replace_where.sql); other dates are not touched.
     Without vars every date is processed, so the table is made equal to raw.events.
-    The post-hook records the build in ops.build_log, in the publish's transaction
-    (macros/build_log.sql).
+    In the same transaction the post-hooks record the build in ops.build_log
+    (macros/build_log.sql) and drop the audit table (macros/audit.sql).
 #}
 {{- forbid_full_refresh_with_date_range() }}
 {{
@@ -14,16 +15,20 @@
         unique_key='event_date',
         on_schema_change='fail',
         meta={'replace_where': processed_dates_filter('event_date')},
-        pre_hook="{{ remember_replaced_dates() }}",
+        pre_hook=[
+            "{{ require_audited_stats() }}",
+            "{{ remember_replaced_dates() }}",
+        ],
         post_hook=[
             "{{ write_build_log() }}",
+            "{{ drop_audited_stats() }}",
         ],
     )
 }}
 
-with events as (
+with audited as (
 
-    select * from {{ ref('stg_events__events') }}
+    select * from {{ ref('int_event_stats__audit') }}
     where {{ processed_dates_filter('event_date') }}
 
 ),
@@ -33,9 +38,8 @@ final as (
     select
         event_date,
         user_id,
-        count(*) as event_count
-    from events
-    group by event_date, user_id
+        event_count
+    from audited
 
 )
 

@@ -1,0 +1,112 @@
+{#
+    Write-audit-publish of event_stats.
+
+    int_event_stats__audit (write) builds the processed dates' new stats as a table of its own,
+    audit.event_stats__<start>_<end> (audit.event_stats__all without vars); its data tests (audit)
+    run before event_stats, which depends on it, and a failing one makes dbt skip event_stats;
+    event_stats (publish) replaces the processed dates with the audited rows, writes
+    ops.build_log and drops the audit table, all in one transaction.
+
+    One table per date range (and per var audit_key when given): concurrent builds of different
+    ranges never read or replace each other's audit table, and a build publishes exactly the rows
+    its tests passed. The table exists
+    only between its build and its publish (or, renamed <name>__failed, after a failed audit).
+#}
+
+{#
+    The audit table's name for the processed dates: event_stats__20240301_20240302, or
+    event_stats__all without vars. The optional var audit_key (e.g. the Airflow run id) adds a
+    digest of it, event_stats__20240301_20240302__1a2b3c4d, so that two runs of the same dates at
+    once (a daily run and a one-day backfill) do not share one either.
+#}
+{% macro event_stats_audit_alias() -%}
+    {%- set date_range = processed_date_range() -%}
+    {%- if date_range is none -%}
+        {%- set name = 'event_stats__all' -%}
+    {%- else -%}
+        {%- set name = 'event_stats__' ~ date_range.start | replace('-', '') ~ '_'
+            ~ date_range.end | replace('-', '') -%}
+    {%- endif -%}
+    {%- set audit_key = var('audit_key', none) -%}
+    {%- if audit_key is not none and audit_key | string | trim != '' -%}
+        {%- set name = name ~ '__' ~ local_md5(audit_key | string)[:8] -%}
+    {%- endif -%}
+    {{ return(name) }}
+{%- endmacro %}
+
+
+{#
+    Pre-hook of event_stats: refuse to publish without an audit table, with the command that
+    makes one (e.g. event_stats built alone after an earlier build published and dropped it, or
+    after its audit failed).
+#}
+{% macro require_audited_stats() -%}
+    {%- set audited = ref('int_event_stats__audit') -%}
+    {%- if execute and load_relation(audited) is none -%}
+        {%- set date_range = processed_date_range() -%}
+        {%- set dates = 'every date' if date_range is none
+            else date_range.start ~ ' to ' ~ date_range.end ~ ' (end excluded)' -%}
+        {{ exceptions.raise_compiler_error(
+            "No audited stats to publish for " ~ dates ~ ": " ~ audited ~ " does not exist "
+            ~ "(already published, or its audit failed). Build and test them first: "
+            ~ "dbt build --select int_event_stats__audit+ with the same vars."
+        ) }}
+    {%- endif -%}
+{%- endmacro %}
+
+
+{# Post-hook of event_stats, inside the publish's transaction: the audit table is consumed. #}
+{% macro drop_audited_stats() -%}
+    drop table {{ ref('int_event_stats__audit') }}
+{%- endmacro %}
+
+
+{#
+    on-run-end: when a test of the audit table failed (or errored) in this invocation, rename the
+    table to <name>__failed, replacing an older one. Under its own name it would be published by
+    the next build of event_stats alone (an Airflow retry or clear of that task); renamed, it stays
+    for inspection and that build refuses (require_audited_stats).
+#}
+{% macro quarantine_failed_audit(results) -%}
+    {%- set audit_id = 'model.' ~ project_name ~ '.int_event_stats__audit' -%}
+    {%- set failed = [] -%}
+    {%- for result in results
+        if result.node.resource_type == 'test'
+        and result.status in ('fail', 'error')
+        and audit_id in result.node.depends_on.nodes -%}
+        {%- do failed.append(result.node.name) -%}
+    {%- endfor -%}
+    {%- if failed -%}
+        {%- set audit_node = graph.nodes[audit_id] -%}
+        {%- set audited = adapter.get_relation(
+            database=audit_node.database, schema=audit_node.schema,
+            identifier=audit_node.alias) -%}
+    {%- endif -%}
+    {#- No table: its tests errored because it was never built (or already published). -#}
+    {%- if failed and audited is not none -%}
+        {%- set quarantined = audited.incorporate(path={'identifier': audit_node.alias ~ '__failed'}) -%}
+        {{ log('Audit failed (' ~ failed | join(', ') ~ '): ' ~ audited ~ ' kept as '
+            ~ quarantined ~ ', not published.', info=true) }}
+        drop table if exists {{ quarantined }};
+        alter table {{ audited }} rename to {{ adapter.quote(quarantined.identifier) }};
+    {%- endif -%}
+{%- endmacro %}
+
+
+{#
+    `where: "__processed_dates__"` in a test's config (dbt_project.yml sets it for the staging
+    tests) scopes the test to the processed dates of event_date: a daily build's tests read one
+    partition, and a bad row of another date does not fail it. A test's `where` cannot call a
+    macro itself (yml configs are rendered without the project's macros), hence the placeholder.
+#}
+{% macro duckdb__get_where_subquery(relation) -%}
+    {%- set where = config.get('where', '') -%}
+    {%- if where -%}
+        {%- set where = where | replace('__processed_dates__', processed_dates_filter('event_date')) -%}
+        {%- set filtered -%}
+            (select * from {{ relation }} where {{ where }}) as dbt_subquery
+        {%- endset -%}
+        {{ return(filtered) }}
+    {%- endif -%}
+    {{ return(relation) }}
+{%- endmacro %}
