@@ -14,10 +14,11 @@ A failure (source, validation, SIGKILL) leaves every date of a window either all
 the windows before it stay loaded. While window W is being written, the next one is already
 downloading (in a daemon thread).
 
-Why one transaction per window rather than per date: the answer is one delivery, valid or not as
-a whole, so its dates stand or fall together; and one commit instead of one per date is what
-makes a year load in seconds. The price: a date of a window is not kept when a later date of the
-same window fails (after a complete, valid download only the re-dating check can refuse a date).
+Why one transaction per window rather than per date: the answer is one delivery, checked whole
+before anything is written, so its dates stand or fall together (a reader never sees half a
+window), and one commit instead of one per date is what lets a year load in seconds. The price:
+when a window fails after its download (a re-dated event, a crash during the write), none of its
+dates is kept, where per-date transactions would have kept the dates before the failing one.
 
 Interrupts: while loading, SIGTERM and SIGINT raise LoadInterrupted (after calling the handler
 installed before, e.g. Airflow's, which runs the task's on_kill). One arriving during a write
