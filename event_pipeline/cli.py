@@ -54,7 +54,8 @@ def _iso_date(text: str):  # noqa: ANN202 - argparse type
 
 
 def _load(args: argparse.Namespace) -> int:
-    """Load raw events of [start, end) into the warehouse, one atomic transaction per date.
+    """Load raw events of [start, end) into the warehouse: one request and one atomic
+    transaction per window of up to 366 days, a ledger row and a progress line per date.
 
     SIGTERM or SIGINT ends it with one line saying what was loaded and how to finish, and the
     exit status 128 + the signal's number.
@@ -63,7 +64,7 @@ def _load(args: argparse.Namespace) -> int:
     from event_pipeline.sources import EventSourceError
     from event_pipeline.warehouse import WarehouseLockedError
 
-    if not args.verbose:  # one progress line per date; not one httpx line per request too
+    if not args.verbose:  # the loader's progress lines; not one httpx line per request too
         logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         results = load_range(

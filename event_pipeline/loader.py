@@ -1,14 +1,24 @@
 """Load the raw events of a date, or of a range of dates, into raw.events: atomic and idempotent.
 
-For every date D of [start, end):
-1. download GET /events?start_date=D&end_date=D+1 to a temporary file, and check that the
-   answer is complete (`sources.download`: status, framing, structure),
-2. parse and validate it with DuckDB (`sources.stage_events`),
-3. in ONE transaction: delete partition D, insert its new rows, write a raw.load_log row.
-   If the new content equals the stored partition (same fingerprint), raw.events is left alone
-   and only the ledger row (changed = false) is written.
-A failure (source, validation, SIGKILL) leaves each date either fully old or fully new.
-While date D is being written, the next date is already downloading (in a daemon thread).
+The range [start, end) is asked for in windows of at most 366 days (the events API's limit), one
+request each. For every window W:
+1. download GET /events?start_date=W.start&end_date=W.end to a temporary file, and check that
+   the answer is complete (`sources.download`: status, framing, structure) as a whole,
+2. parse and validate it with DuckDB (`sources.stage_events`) and split it by UTC date in one
+   pass (`warehouse.raw.compare_staged`); events dated outside W are counted, never written,
+3. in ONE transaction for the whole window: replace every date of W whose content changed
+   (delete its rows, insert the new ones) and write one raw.load_log row per date. A date whose
+   new content equals the stored partition (same fingerprint) keeps its rows and load_id; its
+   ledger row says changed = false.
+A failure (source, validation, SIGKILL) leaves every date of a window either all old or all new;
+the windows before it stay loaded. While window W is being written, the next one is already
+downloading (in a daemon thread).
+
+Why one transaction per window rather than per date: the answer is one delivery, checked whole
+before anything is written, so its dates stand or fall together (a reader never sees half a
+window), and one commit instead of one per date is what lets a year load in seconds. The price:
+when a window fails after its download (a re-dated event, a crash during the write), none of its
+dates is kept, where per-date transactions would have kept the dates before the failing one.
 
 Interrupts: while loading, SIGTERM and SIGINT raise LoadInterrupted (after calling the handler
 installed before, e.g. Airflow's, which runs the task's on_kill). One arriving during a write
@@ -40,6 +50,8 @@ from types import FrameType
 import duckdb
 
 from event_pipeline import settings, sources, warehouse
+from event_pipeline.warehouse import raw
+from event_pipeline.warehouse.raw import partition_checksum  # noqa: F401 (tests and tools use it)
 
 log = logging.getLogger(__name__)
 
@@ -64,52 +76,38 @@ class LoadResult:
     rows: int  # rows in the partition after the load
     checksum: str  # content checksum of the partition (load_id excluded)
     changed: bool  # False: the source was unchanged and raw.events was not touched
-    out_of_window: int  # delivered events dated outside event_date: counted, not loaded
-    duplicates: int  # repeated event_ids in the delivery, stored once
-    load_id: str
-    source_url: str
-    seconds: float
+    # delivered events dated outside the request's window, counted on its first date (earlier
+    # ones) and its last date (later ones): counted, not loaded
+    out_of_window: int
+    duplicates: int  # repeated event_ids of the date's events, stored once
+    load_id: str  # unchanged dates: the ledger row's id; their rows keep an earlier load_id
+    source_url: str  # the request that delivered the date (its window may span many dates)
+    seconds: float  # staging and writing the date's window (shared by its dates)
 
 
-# Order-independent content checksum: sums of the two 64-bit halves of each row's md5, plus the
-# row count. It needs no sort and no giant string, so a 1M-row partition costs a single scan.
-_CHECKSUM_SQL = """
-select
-    count(*),
-    coalesce(sum(md5_number_upper(row_key)), 0),
-    coalesce(sum(md5_number_lower(row_key)), 0)
-from (
-    select concat_ws(
-        chr(31), event_id, user_id, coalesce(event_type, chr(0)),
-        strftime(event_at, '%Y-%m-%dT%H:%M:%S.%f')
-    ) as row_key
-    from {relation}
-    where event_date = ?
-)
-"""
+@dataclass(frozen=True)
+class _Window:
+    """The dates [start, end) asked for in one request."""
+
+    start: date
+    end: date
+
+    @property
+    def dates(self) -> list[date]:
+        return [self.start + timedelta(days=i) for i in range((self.end - self.start).days)]
+
+    @property
+    def last(self) -> date:
+        return self.end - timedelta(days=1)
+
+    def __str__(self) -> str:
+        return _span(self.start, self.last)
 
 
-def partition_checksum(
-    connection: duckdb.DuckDBPyConnection, event_date: date, relation: str = "raw.events"
-) -> tuple[int, str]:
-    """(rows, checksum) of the events of `event_date` in `relation` (load_id is not content)."""
-    ((rows, upper, lower),) = connection.execute(
-        _CHECKSUM_SQL.format(relation=relation), [event_date]
-    ).fetchall()
-    return rows, f"{rows}-{upper:x}-{lower:x}"
-
-
-def _fingerprint(connection: duckdb.DuckDBPyConnection, event_date: date, relation: str) -> tuple:
-    """A fast content fingerprint to compare two partitions within one process.
-
-    DuckDB's hash() is 10x cheaper than md5 but may differ between DuckDB versions, so it only
-    compares the stored and the new partition here; the ledger keeps the md5 checksum.
-    """
-    return connection.execute(
-        f"select count(*), coalesce(sum(hash(event_id, user_id, event_type, event_at)), 0) "
-        f"from {relation} where event_date = ?",
-        [event_date],
-    ).fetchall()[0]
+def _windows(start: date, end: date, days: int) -> list[_Window]:
+    """[start, end) cut into consecutive windows of at most `days` days."""
+    starts = [start + timedelta(days=i) for i in range(0, (end - start).days, days)]
+    return [_Window(first, min(first + timedelta(days=days), end)) for first in starts]
 
 
 @dataclass(frozen=True)
@@ -119,8 +117,8 @@ class _Source:
     api_url: str
     warehouse_path: Path | None
 
-    def url(self, day: date) -> str:
-        return sources.window_url(self.api_url, day, day + timedelta(days=1))
+    def url(self, window: _Window) -> str:
+        return sources.window_url(self.api_url, window.start, window.end)
 
     def command(self, start: date, end: date) -> str:
         """The `event-stats load` command for [start, end) from this source into this warehouse."""
@@ -224,36 +222,39 @@ def _download_directory() -> Iterator[Path]:
 @dataclass(frozen=True)
 class _Download:
     path: Path
+    size: int
     seconds: float
 
 
 class _Prefetch:
-    """Downloads one date in a daemon thread: an interrupt never waits for a slow source."""
+    """Downloads one window in a daemon thread: an interrupt never waits for a slow source."""
 
-    def __init__(self, source: _Source, directory: Path, day: date) -> None:
+    def __init__(self, source: _Source, directory: Path, window: _Window) -> None:
         self.cancellation = sources.Cancellation()
         self._done = threading.Event()
         self._result: _Download | None = None
         self._error: BaseException | None = None
-        arguments = (source.url(day), directory, day)
         threading.Thread(
-            target=self._run, args=arguments, name=f"download-{day}", daemon=True
+            target=self._run,
+            args=(source.url(window), directory, window),
+            name=f"download-{window.start}",
+            daemon=True,
         ).start()
 
-    def _run(self, url: str, directory: Path, day: date) -> None:
+    def _run(self, url: str, directory: Path, window: _Window) -> None:
         started = time.monotonic()
-        path = directory / f"events-{day.isoformat()}.json"
+        path = directory / f"events-{window.start.isoformat()}-{window.end.isoformat()}.json"
         try:
-            sources.download(
+            delivery = sources.download(
                 url,
                 path,
-                what=f"events of {day.isoformat()}",
+                what=f"events of {window}",
                 attempts=settings.events_api_attempts(),
                 timeout=settings.events_api_timeout(),
                 backoff=settings.events_api_backoff(),
                 cancellation=self.cancellation,
             )
-            self._result = _Download(path, time.monotonic() - started)
+            self._result = _Download(path, delivery.size, time.monotonic() - started)
         except BaseException as error:  # handed to the main thread by result()
             self._error = error
         finally:
@@ -267,52 +268,54 @@ class _Prefetch:
         return self._result
 
 
-# --- one date: stage, check, write --------------------------------------------------------------
+# --- one window: stage, check, write ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _Staged:
-    """The temp table `staged`, validated, and what the write needs to know about it."""
+    """The temp table `staged` for one window, validated, and what the write needs to know."""
 
-    event_date: date
+    window: _Window
     url: str
-    rows: int
-    checksum: str
-    changed: bool
-    out_of_window: int
-    duplicates: int
+    dates: list[raw.StagedDate]
+    outside: list[raw.OutsideDate]
     started: float
+
+    def out_of_window(self, day: date) -> tuple[int, int]:
+        """(events, duplicates) outside the window counted on `day`: those dated before the
+        window on its first date, those after it on its last."""
+        counted = [
+            other
+            for other in self.outside
+            if (day == self.window.start and other.event_date < day)
+            or (day == self.window.last and other.event_date > day)
+        ]
+        return sum(o.events for o in counted), sum(o.duplicates for o in counted)
 
 
 def _check_not_stored_elsewhere(
-    connection: duckdb.DuckDBPyConnection, event_date: date, source: _Source, end: date
+    connection: duckdb.DuckDBPyConnection, window: _Window, source: _Source, end: date
 ) -> None:
-    """event_id is unique in raw.events: refuse ids that another date's partition holds.
+    """event_id is unique in raw.events: refuse ids that a date outside the window holds.
 
     That happens when the source re-dates an event (our ids are stable, timestamps may be
-    corrected). This process holds the writer lock, so nothing changes until the transaction.
-    The remedy reloads the other date(s) first (which drops the event there), then resumes
-    at this date: that works whether the event moved forwards or backwards.
+    corrected). Inside the window the replace itself moves the event. This process holds the
+    writer lock, so nothing changes until the transaction. The remedy reloads the other date(s)
+    first (which drops the event there), then resumes at this window: that works whether the
+    event moved forwards or backwards.
     """
-    query = (
-        "select event_id, event_date from raw.events where event_date <> $day and event_id in "
-        "(select event_id from staged where event_date = $day)"
-    )
-    examples = connection.execute(f"{query} order by all limit 3", {"day": event_date}).fetchall()
-    if not examples:
+    found = raw.stored_elsewhere(connection, sources.STAGED, window.start, window.end)
+    if found is None:
         return
-    stored_under = [
-        day
-        for (day,) in connection.execute(
-            f"select distinct event_date from ({query}) order by 1", {"day": event_date}
-        ).fetchall()
-    ]
-    listed = ", ".join(f"{event_id} (stored under {day})" for event_id, day in examples)
-    commands = [source.command(day, day + timedelta(days=1)) for day in stored_under]
-    commands.append(source.command(event_date, end))
+    listed = ", ".join(
+        f"{redated.event_id} (stored under {redated.stored_under}) to {redated.dated}"
+        for redated in found.examples
+    )
+    commands = [source.command(day, day + timedelta(days=1)) for day in found.stored_under]
+    commands.append(source.command(window.start, end))
     raise sources.EventSourceError(
-        f"{event_date}: the source ({source.url(event_date)}) now dates event(s) {listed} to "
-        f"{event_date}, and an event_id is stored once; nothing was written for {event_date}. "
+        f"{window}: the source ({source.url(window)}) now dates event(s) {listed}, and an "
+        f"event_id is stored once; nothing was written for {window}. "
         "Reload the date(s) they are stored under first, then resume here: "
         f"`{' && '.join(commands)}`. (If the source still dates an event to both days, it "
         "holds two versions of it: fix the source.)"
@@ -321,98 +324,111 @@ def _check_not_stored_elsewhere(
 
 def _stage(
     connection: duckdb.DuckDBPyConnection,
-    event_date: date,
+    window: _Window,
     path: Path,
     source: _Source,
     end: date,
 ) -> _Staged:
     """Parse and validate the download into `staged`; nothing is written to raw.events."""
     started = time.monotonic()
-    url = source.url(event_date)
-    what = f"events of {event_date.isoformat()}"
+    url = source.url(window)
     _, duplicates = sources.stage_events(
-        connection, path, what=what, url=url, event_date=event_date
+        connection, path, what=f"events of {window}", url=url, start=window.start, end=window.end
     )
-    outside = connection.execute(
-        "select event_date, count(*) from staged where event_date <> ? group by all order by 1",
-        [event_date],
-    ).fetchall()
-    out_of_window = sum(count for _, count in outside)
+    outside = raw.outside_window(connection, sources.STAGED, window.start, window.end)
     if outside:
         log.warning(
             "%s: the source sent %d event(s) dated outside %s, which were NOT loaded: %s (from %s)",
-            event_date,
-            out_of_window,
-            event_date,
-            ", ".join(f"{day}: {count}" for day, count in outside),
+            window,
+            sum(o.events for o in outside),
+            window,
+            ", ".join(f"{o.event_date}: {o.events}" for o in outside),
             url,
         )
     if duplicates:
-        log.warning(
-            "%s: %d repeated event_id(s) in the delivery, stored once", event_date, duplicates
-        )
-    _check_not_stored_elsewhere(connection, event_date, source, end)
-    rows, checksum = partition_checksum(connection, event_date, relation="staged")
-    changed = _fingerprint(connection, event_date, "staged") != _fingerprint(
-        connection, event_date, "raw.events"
-    )
-    return _Staged(event_date, url, rows, checksum, changed, out_of_window, duplicates, started)
+        log.warning("%s: %d repeated event_id(s) in the delivery, stored once", window, duplicates)
+    _check_not_stored_elsewhere(connection, window, source, end)
+    dates = raw.compare_staged(connection, sources.STAGED, window.start, window.end)
+    return _Staged(window, url, dates, outside, started)
 
 
-def _write(connection: duckdb.DuckDBPyConnection, staged: _Staged, run_id: str) -> LoadResult:
-    """Replace the partition (if changed) and write its ledger row in ONE transaction."""
-    event_date = staged.event_date
-    load_id = f"{run_id}/{event_date.isoformat()}/{uuid.uuid4().hex[:12]}"
+def _write(connection: duckdb.DuckDBPyConnection, staged: _Staged, run_id: str) -> list[LoadResult]:
+    """Replace the window's changed partitions and write its ledger rows in ONE transaction."""
     loaded_at = datetime.now(UTC).replace(tzinfo=None)
-    log.debug("%s: replacing the partition (%d rows) in one transaction", event_date, staged.rows)
-    connection.execute("begin transaction")
-    try:
-        if staged.changed:
-            connection.execute("delete from raw.events where event_date = ?", [event_date])
-            connection.execute(
-                "insert into raw.events (event_id, user_id, event_type, event_at, event_date, "
-                "load_id) select event_id, user_id, event_type, event_at, event_date, ? "
-                "from staged where event_date = ?",
-                [load_id, event_date],
+    entries = []
+    for day in staged.dates:
+        out_of_window, outside_duplicates = staged.out_of_window(day.event_date)
+        entries.append(
+            raw.LoadLogEntry(
+                load_id=f"{run_id}/{day.event_date.isoformat()}/{uuid.uuid4().hex[:12]}",
+                run_id=run_id,
+                event_date=day.event_date,
+                rows=day.rows,
+                checksum=day.checksum,
+                changed=day.changed,
+                out_of_window=out_of_window,
+                duplicates=day.duplicates + outside_duplicates,
+                source_url=staged.url,
+                loaded_at=loaded_at,
             )
-        connection.execute(
-            "insert into raw.load_log (load_id, run_id, event_date, rows, checksum, changed, "
-            "out_of_window, duplicates, source_url, loaded_at) "
-            "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [load_id, run_id, event_date, staged.rows, staged.checksum, staged.changed]
-            + [staged.out_of_window, staged.duplicates, staged.url, loaded_at],
         )
-    except BaseException:
-        connection.execute("rollback")
-        raise
-    connection.execute("commit")
-    log.debug("%s: committed", event_date)
-    return LoadResult(
-        event_date=event_date,
-        rows=staged.rows,
-        checksum=staged.checksum,
-        changed=staged.changed,
-        out_of_window=staged.out_of_window,
-        duplicates=staged.duplicates,
-        load_id=load_id,
-        source_url=staged.url,
-        seconds=time.monotonic() - staged.started,
+    changed = [day for day in staged.dates if day.changed]
+    log.debug(
+        "%s: replacing the partitions of %d changed date(s) (%d rows) in one transaction",
+        staged.window,
+        len(changed),
+        sum(day.rows for day in changed),
     )
+    raw.replace_partitions(connection, entries, sources.STAGED)
+    log.debug("%s: committed", staged.window)
+    seconds = time.monotonic() - staged.started
+    return [
+        LoadResult(
+            event_date=entry.event_date,
+            rows=entry.rows,
+            checksum=entry.checksum,
+            changed=entry.changed,
+            out_of_window=entry.out_of_window,
+            duplicates=entry.duplicates,
+            load_id=entry.load_id,
+            source_url=entry.source_url,
+            seconds=seconds,
+        )
+        for entry in entries
+    ]
+
+
+# --- the range ------------------------------------------------------------------------------------
 
 
 def _print_progress(
-    result: LoadResult, index: int, total: int, progress: bool, download: float
+    results: list[LoadResult], done: int, total: int, progress: bool, download: _Download
 ) -> None:
-    state = "replaced" if result.changed else "unchanged"
-    line = (
-        f"[{index}/{total}] {result.event_date}  {result.rows:>9,} rows  {state:<9}"
-        f"  out-of-window {result.out_of_window}  duplicates {result.duplicates}"
-        f"  (download {download:.1f} s, load {result.seconds:.1f} s)"
-    )
-    if progress:
-        print(line, file=sys.stderr, flush=True)
+    """A line per date of the window just loaded; for a window of several dates, then a line
+    for its request (a one-date window's line carries the timings itself)."""
+    timings = f"(download {download.seconds:.1f} s, load {results[0].seconds:.1f} s)"
+    first = done - len(results) + 1
+    lines = []
+    for index, result in enumerate(results, start=first):
+        state = "replaced" if result.changed else "unchanged"
+        lines.append(
+            f"[{index}/{total}] {result.event_date}  {result.rows:>9,} rows  {state:<9}"
+            f"  out-of-window {result.out_of_window}  duplicates {result.duplicates}"
+        )
+    if len(results) == 1:
+        lines[0] += f"  {timings}"
     else:
-        log.info("Loaded %s", line)
+        replaced = sum(result.changed for result in results)
+        lines.append(
+            f"[{first}-{done}/{total}] {results[0].event_date} to {results[-1].event_date} in one "
+            f"request: {sum(result.rows for result in results):,} rows, {replaced} replaced, "
+            f"{len(results) - replaced} unchanged, {download.size / 1e6:.1f} MB {timings}"
+        )
+    for line in lines:
+        if progress:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            log.info("Loaded %s", line)
 
 
 def _span(first: date, last: date) -> str:
@@ -440,35 +456,41 @@ def load_range(
     warehouse_path: Path | None = None,
     run_id: str | None = None,
     progress: bool = False,
+    days_per_request: int = sources.MAX_WINDOW_DAYS,
 ) -> list[LoadResult]:
     """Load the events of every date in [start, end) (default: just `start`) into raw.events.
 
-    Each date is replaced in its own transaction together with its raw.load_log row; on an
-    error the dates before it stay loaded (each complete), the failing date and later ones are
-    untouched, and a rerun is safe. `progress` prints a line per date to stderr. SIGTERM or
-    SIGINT raises LoadInterrupted, whose message names what was loaded and how to finish.
+    The range is asked for in requests of at most `days_per_request` days (366, the events
+    API's limit, at most); each request's dates are replaced in one transaction together with
+    their raw.load_log rows (one per date). On an error the windows before it stay loaded (each
+    complete), the failing window and later ones are untouched, and a rerun is safe. `progress`
+    prints a line per date and one per request to stderr. SIGTERM or SIGINT raises
+    LoadInterrupted, whose message names what was loaded and how to finish.
     """
     end = end or start + timedelta(days=1)
     if end <= start:
         raise ValueError(f"end ({end}) must be after start ({start}); the range is [start, end)")
+    if not 1 <= days_per_request <= sources.MAX_WINDOW_DAYS:
+        raise ValueError(f"days_per_request must be 1 to {sources.MAX_WINDOW_DAYS}")
     source = _Source(api_url or settings.events_api_url(), warehouse_path)
     run_id = run_id or f"manual-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    dates = [start + timedelta(days=i) for i in range((end - start).days)]
+    windows = _windows(start, end, days_per_request)
     results: list[LoadResult] = []
     interrupts = _Interrupts()
     try:
         with interrupts, _download_directory() as directory:
-            _load_dates(dates, source, directory, run_id, progress, interrupts, results)
+            _load_windows(windows, source, directory, run_id, progress, interrupts, results)
     except BaseException:
         if interrupts.received is None:
             raise
+        dates = [day for window in windows for day in window.dates]
         message = _interrupted_message(interrupts.received, source, dates, len(results))
         raise LoadInterrupted(interrupts.received, message) from None
     return results
 
 
-def _load_dates(
-    dates: list[date],
+def _load_windows(
+    windows: list[_Window],
     source: _Source,
     directory: Path,
     run_id: str,
@@ -476,24 +498,24 @@ def _load_dates(
     interrupts: _Interrupts,
     results: list[LoadResult],
 ) -> None:
-    """Load `dates` in order, appending each committed date's result to `results`."""
-    memory_limit = settings.loader_memory_limit().replace("'", "")
-    end = dates[-1] + timedelta(days=1)
-    pending = _Prefetch(source, directory, dates[0])
+    """Load `windows` in order, appending each committed window's results to `results`."""
+    end = windows[-1].end
+    total = (end - windows[0].start).days
+    pending = _Prefetch(source, directory, windows[0])
     try:
-        for index, day in enumerate(dates):
+        for index, window in enumerate(windows):
             download = pending.result()
-            if index + 1 < len(dates):  # fetch the next date while this one is written
-                pending = _Prefetch(source, directory, dates[index + 1])
+            if index + 1 < len(windows):  # fetch the next window while this one is written
+                pending = _Prefetch(source, directory, windows[index + 1])
             try:
                 with warehouse.connect(source.warehouse_path) as connection:
-                    connection.execute(f"set memory_limit = '{memory_limit}'")
-                    warehouse.ensure_raw_schema(connection)
-                    staged = _stage(connection, day, download.path, source, end)
+                    raw.prepare_load(connection, settings.loader_memory_limit())
+                    staged = _stage(connection, window, download.path, source, end)
                     with interrupts.deferred():
-                        results.append(_write(connection, staged, run_id))
+                        loaded = _write(connection, staged, run_id)
+                        results.extend(loaded)
             finally:
                 download.path.unlink(missing_ok=True)
-            _print_progress(results[-1], index + 1, len(dates), progress, download.seconds)
+            _print_progress(loaded, len(results), total, progress, download)
     finally:
         pending.cancellation.cancel()  # the directory is removed next: no more writes into it

@@ -7,7 +7,9 @@ A timestamp without an offset is taken as UTC. Records without an event_id get a
 one (see `stage_events`), so that identical records each count as one event and a reload of the
 same delivery yields the same ids.
 
-An answer replaces a stored day only when it is provably complete (`download` checks it):
+An answer is one window of one or more days (a range load asks for up to MAX_WINDOW_DAYS days at
+once). It replaces the stored days only when it is provably complete (`download` checks it), as a
+whole: a cut or malformed range answer replaces none of its days.
 - status 200. 429 and 5xx are retried; anything else (204, 206, a 3xx, a 4xx) fails at once.
   Redirects are NOT followed: the URL in EVENTS_API_URL is the source of record (it is written to
   raw.load_log), and a redirect is a moved or misconfigured source that a person should confirm by
@@ -18,9 +20,9 @@ An answer replaces a stored day only when it is provably complete (`download` ch
   when its own structure proves it ended: a JSON array must end with its closing ']' (else it is
   retried as a cut body); close-delimited NDJSON, or an empty close-delimited body, cannot be
   proven complete and is refused.
-- structure: a JSON array must end with ']'. An empty body is an empty day only when it is
-  properly framed and declared NDJSON (Content-Type application/x-ndjson); otherwise an empty day
-  must come as `[]`.
+- structure: a JSON array must end with ']'. An empty body is an empty window only when it is
+  properly framed and declared NDJSON (Content-Type application/x-ndjson); otherwise an empty
+  window must come as `[]`.
 Completeness is checked on the file's tail: the body never enters Python memory whole.
 """
 
@@ -39,6 +41,9 @@ import duckdb
 import httpx
 
 log = logging.getLogger(__name__)
+
+STAGED = "staged"  # the temp table `stage_events` fills, read by warehouse.raw
+MAX_WINDOW_DAYS = 366  # the events API answers at most this many days per request
 
 ACCEPT = "application/x-ndjson, application/json;q=0.9"
 NDJSON_TYPES = frozenset(
@@ -351,8 +356,9 @@ order by problem
 # One row per event: the delivery's own event_id, or for records without one (the book's shape)
 # md5 of (user, UTC timestamp, event_type, ordinal among identical records). Identical records
 # thus stay distinct events, and the same delivery always gives the same ids. An event_id
-# delivered more than once is kept once, deterministically: a copy dated in the requested day
-# first (so a copy outside the window never hides one inside), then the earliest, smallest.
+# delivered more than once is kept once, deterministically: a copy dated inside the requested
+# window first (so a copy outside the window never hides one inside), then the earliest,
+# smallest; `copies` says how many copies it had.
 _STAGED_SQL = """
 create or replace temp table staged as
 with numbered as (
@@ -381,11 +387,15 @@ identified as (
         event_at::date as event_date
     from numbered
 )
-select *
+select
+    *,
+    count(*) over (partition by event_id) as copies
 from identified
 qualify row_number() over (
     partition by event_id
-    order by event_date = $event_date desc, event_at, user_id, event_type nulls first
+    order by
+        event_date >= $start and event_date < $end desc,
+        event_at, user_id, event_type nulls first
 ) = 1
 """
 
@@ -396,28 +406,42 @@ select
     user_text as user_id,
     event_type_text as event_type,
     event_at,
-    event_at::date as event_date
+    event_at::date as event_date,
+    1 as copies
 from delivered
+"""
+
+_STAGED_EMPTY_SQL = """
+create or replace temp table staged (
+    event_id varchar, user_id varchar, event_type varchar, event_at timestamp, event_date date,
+    copies bigint
+)
 """
 
 
 def stage_events(
-    connection: duckdb.DuckDBPyConnection, path: Path, *, what: str, url: str, event_date: date
+    connection: duckdb.DuckDBPyConnection,
+    path: Path,
+    *,
+    what: str,
+    url: str,
+    start: date,
+    end: date,
 ) -> tuple[int, int]:
-    """Parse the downloaded file into the temp table `staged` and validate every record.
+    """Parse the downloaded answer for [start, end) into the temp table `staged`, validating
+    every record.
 
-    `staged` has the columns of raw.events except load_id, one row per event_id (preferring a
-    copy dated `event_date`, the requested day, when an id comes more than once). Returns
-    (records delivered, duplicate event_ids dropped). Raises EventSourceError naming `what`
-    and `url` for malformed JSON or invalid records; then nothing has been written.
+    `staged` has the columns of raw.events except load_id, plus `copies` (how often the
+    delivery held the event_id): one row per event_id, preferring a copy dated inside
+    [start, end) when an id comes more than once. Rows dated outside the window stay in it, for
+    the caller to count. Returns (records delivered, duplicate event_ids dropped). Raises
+    EventSourceError naming `what` and `url` for malformed JSON or invalid records; then
+    nothing has been written.
     """
     connection.execute("set TimeZone = 'UTC'")  # offset-less ISO timestamps are UTC
     fmt = json_format(path)
     if fmt is None:  # empty body: no events
-        connection.execute(
-            "create or replace temp table staged as select event_id, user_id, event_type, "
-            "event_at, event_date from raw.events limit 0"
-        )
+        connection.execute(_STAGED_EMPTY_SQL)
         return 0, 0
     try:
         connection.execute(_PARSED_SQL, [str(path), fmt])
@@ -439,7 +463,7 @@ def stage_events(
     ).fetchall()
     # The common case (every record has a distinct event_id) needs no window functions.
     if without_id or repeated:
-        connection.execute(_STAGED_SQL, {"event_date": event_date})
+        connection.execute(_STAGED_SQL, {"start": start, "end": end})
     else:
         connection.execute(_STAGED_PLAIN_SQL)
     ((delivered, staged),) = connection.execute(

@@ -28,8 +28,9 @@ from raw_http_server import Answer
 from servers import free_port, stop_process, wait_for_http
 
 from event_pipeline import warehouse as wh
-from event_pipeline.loader import load_range, partition_checksum
+from event_pipeline.loader import load_range
 from event_pipeline.sources import EventSourceError
+from event_pipeline.warehouse.raw import partition_checksum
 
 D = date(2019, 1, 1)
 D1 = D + timedelta(days=1)
@@ -122,6 +123,20 @@ def test_reload_of_an_unchanged_source_leaves_raw_events_identical(events_api, w
     assert len(log) == 6
     assert [row["changed"] for row in log[3:]] == [False, False, False]
     assert all(row["rows"] > 0 and row["source_url"].startswith(url) for row in log)
+
+
+def test_the_checksum_is_the_one_earlier_ledgers_were_written_with(events_api, warehouse):
+    """Ledger rows of earlier versions stay comparable: the checksum is still the sums of
+    md5_number_upper and md5_number_lower of each row's key (now computed from one md5)."""
+    (result,) = load_range(D, api_url=events_api(), warehouse_path=warehouse)
+    with wh.connect(warehouse, read_only=True) as connection:
+        ((rows, upper, lower),) = connection.execute(
+            "select count(*), sum(md5_number_upper(row_key)), sum(md5_number_lower(row_key)) "
+            "from (select concat_ws(chr(31), event_id, user_id, coalesce(event_type, chr(0)), "
+            "strftime(event_at, '%Y-%m-%dT%H:%M:%S.%f')) as row_key from raw.events)"
+        ).fetchall()
+        assert partition_checksum(connection, D) == (rows, f"{rows}-{upper:x}-{lower:x}")
+    assert result.checksum == f"{rows}-{upper:x}-{lower:x}" and rows > 0
 
 
 def test_changed_source_is_reflected_exactly(events_api, warehouse, tmp_path):
@@ -287,6 +302,206 @@ def test_events_outside_the_window_are_counted_not_written(
     assert result.out_of_window == 3
     assert ledger(warehouse)[-1]["out_of_window"] == 3
     assert "2018-12-31: 2, 2019-01-02: 1" in caplog.text
+
+
+# --- a range: one request per window of at most 366 days --------------------------------------
+
+
+def ledger_by_date(path: Path) -> dict[date, tuple]:
+    """The latest raw.load_log row of each date: (rows, checksum, out_of_window, duplicates)."""
+    with wh.connect(path, read_only=True) as connection:
+        rows = connection.execute(
+            "select event_date, rows, checksum, out_of_window, duplicates from raw.load_log "
+            "qualify row_number() over (partition by event_date order by loaded_at desc) = 1"
+        ).fetchall()
+    return {row[0]: row[1:] for row in rows}
+
+
+def content(path: Path) -> list[tuple]:
+    """raw.events without load_id (which names the load, not the content)."""
+    return [row[:5] for row in stored(path)]
+
+
+def edge_records() -> list[dict]:
+    """Three days of records with offsets across midnight, a same-day duplicate id, identical
+    book-shaped records (synthesized ids) and an empty middle-of-range day (Jan 3)."""
+    return [
+        event("a", "2019-01-01T00:00:00Z"),
+        event("b", "2019-01-01T23:30:00-05:00"),  # 04:30 UTC on Jan 2
+        event("c", "2019-01-02T00:30:00+01:00"),  # 23:30 UTC on Jan 1
+        event("d", "2019-01-02T12:00:00Z"),
+        event("d", "2019-01-02T12:00:00Z"),
+        {"user": "10.0.0.7", "date": "Wed, 02 Jan 2019 08:00:00 GMT"},
+        {"user": "10.0.0.7", "date": "Wed, 02 Jan 2019 08:00:00 GMT"},
+        event("e", "2019-01-04T23:59:59.999Z"),
+    ]
+
+
+def test_a_range_loads_what_per_date_loads_load_in_one_request(events_api, warehouse, tmp_path):
+    data = tmp_path / "replay"
+    write_replay(data, edge_records())
+    url = events_api(data_dir=data)
+    end = D + timedelta(days=5)
+    results = load_range(D, end, api_url=url, warehouse_path=warehouse)
+    per_date = tmp_path / "per-date.duckdb"
+    for offset in range(5):
+        day = D + timedelta(days=offset)
+        load_range(day, api_url=url, warehouse_path=per_date)
+
+    assert content(warehouse) == content(per_date)
+    assert [row[0] for row in stored(warehouse, D)] == ["a", "c"]
+    assert ledger_by_date(warehouse) == ledger_by_date(per_date)
+    assert [(r.rows, r.duplicates) for r in results] == [(2, 0), (4, 1), (0, 0), (1, 0), (0, 0)]
+    window_url = f"{url}/events?start_date=2019-01-01&end_date=2019-01-06"
+    assert {row["source_url"] for row in ledger(warehouse)} == {window_url}  # one request
+    with wh.connect(warehouse, read_only=True) as connection:
+        for result in results:  # each date's rows carry its own ledger row's load_id
+            assert partition_checksum(connection, result.event_date) == (
+                result.rows,
+                result.checksum,
+            )
+            loads = connection.execute(
+                "select distinct load_id from raw.events where event_date = ?",
+                [result.event_date],
+            ).fetchall()
+            assert loads == ([(result.load_id,)] if result.rows else [])
+
+
+def test_generated_days_load_what_per_date_loads_load(events_api, warehouse, tmp_path):
+    url = events_api(events_per_day=50)
+    end = D + timedelta(days=60)
+    load_range(D, end, api_url=url, warehouse_path=warehouse)
+    per_date = tmp_path / "per-date.duckdb"
+    load_range(D, end, api_url=url, warehouse_path=per_date, days_per_request=1)
+    assert content(warehouse) == content(per_date)
+    assert len(content(warehouse)) == 60 * 50
+    assert ledger_by_date(warehouse) == ledger_by_date(per_date)
+    assert len({row["source_url"] for row in ledger(warehouse)}) == 1
+    assert len({row["source_url"] for row in ledger(per_date)}) == 60
+
+
+def test_an_unchanged_date_inside_a_changed_range_is_left_alone(events_api, warehouse, tmp_path):
+    data = tmp_path / "replay"
+    days = [event("a", "2019-01-01T08:00:00Z"), event("b", "2019-01-02T08:00:00Z")]
+    write_replay(data, [*days, event("c", "2019-01-03T08:00:00Z")])
+    url = events_api(data_dir=data)
+    end = D + timedelta(days=3)
+    first = load_range(D, end, api_url=url, warehouse_path=warehouse)
+    before = {day: stored(warehouse, day) for day in (D, D1)}
+
+    write_replay(data, [*days, event("c", "2019-01-03T09:00:00Z")])  # only Jan 3 changes
+    second = load_range(D, end, api_url=url, warehouse_path=warehouse)
+    assert [r.changed for r in second] == [False, False, True]
+    assert {day: stored(warehouse, day) for day in (D, D1)} == before  # same rows, same load_ids
+    assert [row[3] for row in stored(warehouse, D + timedelta(days=2))] == [datetime(2019, 1, 3, 9)]
+    assert [r.checksum for r in second[:2]] == [r.checksum for r in first[:2]]
+    log = ledger(warehouse)
+    assert len(log) == 6  # one row per date per load
+    assert [(row["event_date"], row["changed"]) for row in log[3:]] == sorted(
+        [(D, False), (D1, False), (D + timedelta(days=2), True)]
+    )
+
+
+def test_a_date_that_became_empty_inside_a_range_is_emptied(events_api, warehouse, tmp_path):
+    data = tmp_path / "replay"
+    outer = [event("a", "2019-01-01T08:00:00Z"), event("c", "2019-01-03T08:00:00Z")]
+    write_replay(data, [*outer, event("b", "2019-01-02T08:00:00Z")])
+    url = events_api(data_dir=data)
+    end = D + timedelta(days=3)
+    load_range(D, end, api_url=url, warehouse_path=warehouse)
+    write_replay(data, outer)
+    results = load_range(D, end, api_url=url, warehouse_path=warehouse)
+    assert [(r.rows, r.changed) for r in results] == [(1, False), (0, True), (1, False)]
+    assert stored(warehouse, D1) == []
+    assert ledger_by_date(warehouse)[D1][:2] == (0, "0-0-0")
+    assert [row[0] for row in stored(warehouse)] == ["a", "c"]
+
+
+def test_a_range_answer_cut_in_the_middle_leaves_every_date_exactly_old(
+    events_api, warehouse, monkeypatch
+):
+    end = D + timedelta(days=20)
+    load_range(D, end, api_url=events_api(events_per_day=300), warehouse_path=warehouse)
+    before, log_before = stored(warehouse), ledger(warehouse)
+    new = events_api(events_per_day=400)
+    size = len(httpx.get(f"{new}/events", params={"start_date": D, "end_date": end}).content)
+    monkeypatch.setenv("EVENTS_API_ATTEMPTS", "2")
+    cut = events_api(events_per_day=400, truncate_after=size // 2)
+    with pytest.raises(EventSourceError, match="2019-01-01 to 2019-01-20.*RemoteProtocolError"):
+        load_range(D, end, api_url=cut, warehouse_path=warehouse)
+    assert stored(warehouse) == before and ledger(warehouse) == log_before
+    # The same answer whole replaces every date.
+    results = load_range(D, end, api_url=new, warehouse_path=warehouse)
+    assert all(r.changed and r.rows == 400 for r in results)
+
+
+def test_an_invalid_record_on_the_last_day_of_a_range_writes_no_day(static_source, warehouse):
+    write, url = static_source
+    end = D + timedelta(days=3)
+    write([event("a", "2019-01-01T08:00:00Z")])
+    load_range(D, end, api_url=url, warehouse_path=warehouse)
+    before, log_before = stored(warehouse), ledger(warehouse)
+    write(
+        [
+            event("b", "2019-01-01T09:00:00Z"),
+            {"event_id": "x", "user": 7, "timestamp": "2019-01-03T10:00:00Z"},
+        ]
+    )
+    with pytest.raises(EventSourceError, match="2019-01-01 to 2019-01-03.*not a string"):
+        load_range(D, end, api_url=url, warehouse_path=warehouse)
+    assert stored(warehouse) == before and ledger(warehouse) == log_before
+
+
+def test_ranges_longer_than_366_days_are_asked_for_in_366_day_windows(events_api, warehouse):
+    url = events_api(events_per_day=3)
+    for days, windows in ((366, 1), (367, 2), (800, 3)):
+        end = D + timedelta(days=days)
+        results = load_range(D, end, api_url=url, warehouse_path=warehouse)
+        assert [r.event_date for r in results] == [D + timedelta(days=i) for i in range(days)]
+        assert all(r.rows == 3 for r in results)
+        urls = sorted({r.source_url for r in results})
+        assert len(urls) == windows
+        assert urls[0] == f"{url}/events?start_date=2019-01-01&end_date=2020-01-02"
+    assert len(stored(warehouse)) == 800 * 3
+
+
+def test_events_outside_a_range_are_counted_on_its_first_and_last_dates(
+    static_source, warehouse, caplog
+):
+    write, url = static_source
+    write(
+        [
+            event("early", "2018-12-31T23:00:00Z"),
+            event("early", "2018-12-31T22:00:00Z"),  # a duplicate, outside too
+            event("in-1", "2019-01-01T10:00:00Z"),
+            event("in-2", "2019-01-02T10:00:00Z"),
+            event("in-2", "2019-01-04T10:00:00Z"),  # its copy outside loses to the one inside
+            event("late", "2019-01-04T00:00:00Z"),
+            event("later", "2019-01-09T00:00:00Z"),
+        ]
+    )
+    with caplog.at_level(logging.WARNING):
+        results = load_range(D, D + timedelta(days=3), api_url=url, warehouse_path=warehouse)
+    assert [row[0] for row in stored(warehouse)] == ["in-1", "in-2"]
+    assert [(r.rows, r.out_of_window, r.duplicates) for r in results] == [
+        (1, 1, 1),  # "early" (twice) before the window
+        (1, 0, 1),  # in-2 kept here, its other copy dropped
+        (0, 2, 0),  # "late" and "later" after the window
+    ]
+    assert "2019-01-01 to 2019-01-03: the source sent 3 event(s) dated outside" in caplog.text
+    assert "2018-12-31: 1, 2019-01-04: 1, 2019-01-09: 1" in caplog.text
+
+
+def test_an_event_redated_inside_a_range_moves_with_the_range(events_api, warehouse, tmp_path):
+    data = tmp_path / "replay"
+    write_replay(data, [event("m", "2019-01-01T08:00:00Z")])
+    url = events_api(data_dir=data)
+    end = D + timedelta(days=2)
+    load_range(D, end, api_url=url, warehouse_path=warehouse)
+    write_replay(data, [event("m", "2019-01-02T08:00:00Z")])
+    results = load_range(D, end, api_url=url, warehouse_path=warehouse)
+    assert [(r.rows, r.changed) for r in results] == [(0, True), (1, True)]
+    assert [(row[0], row[4]) for row in stored(warehouse)] == [("m", D1)]
 
 
 # --- the book's record shape -----------------------------------------------------------------
@@ -525,6 +740,7 @@ def test_cli_loads_a_range_with_progress_and_fails_clearly(events_api, warehouse
     )
     assert done.returncode == 0, done.stderr
     assert "[1/3] 2019-01-01" in done.stderr and "[3/3] 2019-01-03" in done.stderr
+    assert "[1-3/3] 2019-01-01 to 2019-01-03 in one request" in done.stderr
     assert "loaded 3 date(s): 3 replaced, 0 unchanged" in done.stderr
     assert not list(tmp_path.glob("event-stats-load-*"))  # the downloads were removed
 
@@ -545,56 +761,70 @@ def test_temp_download_is_removed_on_failure(static_source, warehouse, tmp_path,
     assert not list(tmp_path.glob("event-stats-load-*"))
 
 
-# --- SIGKILL in the middle of replacing a large partition --------------------------------------
+# --- SIGKILL in the middle of replacing large partitions ---------------------------------------
 
 
-def test_sigkill_leaves_the_complete_old_or_complete_new_partition(events_api, warehouse):
-    old_url = events_api(events_per_day=300_000)
-    new_url = events_api(events_per_day=330_000)
-    load_range(D, api_url=old_url, warehouse_path=warehouse)
-    with wh.connect(warehouse, read_only=True) as connection:
-        old = partition_checksum(connection, D)
+def window_state(path: Path, dates: list[date]) -> list[tuple]:
+    """Per date: (rows, checksum) stored, and the checksum of its latest ledger row."""
+    with wh.connect(path, read_only=True) as connection:
+        latest = dict(
+            connection.execute(
+                "select event_date, checksum from raw.load_log "
+                "qualify row_number() over (partition by event_date order by loaded_at desc) = 1"
+            ).fetchall()
+        )
+        return [(*partition_checksum(connection, day), latest.get(day)) for day in dates]
+
+
+def kill_during_write(command: list[str], warehouse: Path, old_file: Path, delay: float) -> None:
+    """Restore the old warehouse, run `command` (a load) and SIGKILL it `delay` s after BEGIN."""
+    Path(f"{warehouse}.wal").unlink(missing_ok=True)  # left by the killed writer
+    shutil.copyfile(old_file, warehouse)
+    process = subprocess.Popen(
+        [*command[:3], "-v", *command[3:]], stderr=subprocess.PIPE, text=True
+    )
+    seen = ""
+    for line in process.stderr:  # the loader logs (at debug level) just before BEGIN
+        seen += line
+        if "replacing the partition" in line:
+            break
+    else:
+        pytest.fail(f"the loader ended before its transaction:\n{seen}")
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+
+
+@pytest.mark.parametrize(
+    ("days", "old_volume", "new_volume"),
+    [(1, 300_000, 330_000), (30, 10_000, 11_000)],
+    ids=["one-large-date", "a-30-day-range"],
+)
+def test_sigkill_leaves_every_date_of_the_request_complete_old_or_complete_new(
+    events_api, warehouse, days, old_volume, new_volume
+):
+    dates = [D + timedelta(days=i) for i in range(days)]
+    end = D + timedelta(days=days)
+    load_range(D, end, api_url=events_api(events_per_day=old_volume), warehouse_path=warehouse)
+    old = window_state(warehouse, dates)
     old_file = warehouse.with_name("old.duckdb")
     shutil.copyfile(warehouse, old_file)  # closed and checkpointed: the file is the whole state
 
-    command = [sys.executable, "-m", "event_pipeline.cli", "load", "--start", "2019-01-01"]
-    command += ["--warehouse", str(warehouse), "--api-url", new_url]
+    command = [sys.executable, "-m", "event_pipeline.cli", "load", "--start", str(D)]
+    command += ["--end", str(end), "--warehouse", str(warehouse)]
+    command += ["--api-url", events_api(events_per_day=new_volume)]
     subprocess.run(command, check=True, capture_output=True, timeout=120)
-    with wh.connect(warehouse, read_only=True) as connection:
-        new = partition_checksum(connection, D)
-    assert new != old and new[0] == 330_000
+    new = window_state(warehouse, dates)
+    assert all(n != o for n, o in zip(new, old, strict=True))
+    assert sum(rows for rows, _, _ in new) == days * new_volume
 
-    def restore_old() -> None:
-        Path(f"{warehouse}.wal").unlink(missing_ok=True)  # left by the killed writer
-        shutil.copyfile(old_file, warehouse)
-
-    # The loader logs (at debug level) just before BEGIN; kill at increasing delays after it.
     outcomes = []
     for delay in (0.0, 0.05, 0.15, 0.4):
-        restore_old()
-        process = subprocess.Popen(
-            [*command[:3], "-v", *command[3:]], stderr=subprocess.PIPE, text=True
-        )
-        seen = ""
-        for line in process.stderr:
-            seen += line
-            if "replacing the partition" in line:
-                break
-        else:
-            pytest.fail(f"the loader ended before its transaction:\n{seen}")
-        time.sleep(delay)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        process.stderr.close()
-        with wh.connect(warehouse, read_only=True) as connection:
-            state = partition_checksum(connection, D)
-            (latest,) = connection.execute(
-                "select checksum from raw.load_log where event_date = ? "
-                "order by loaded_at desc limit 1",
-                [D],
-            ).fetchall()
-        assert state in (old, new), f"killed {delay} s into the transaction: mixed {state}"
-        assert latest[0] == state[1]  # the ledger row commits together with the partition
+        kill_during_write(command, warehouse, old_file, delay)
+        state = window_state(warehouse, dates)
+        # every date old or every date new, each with the ledger row that describes it
+        assert state in (old, new), f"killed {delay} s into the transaction: mixed"
         outcomes.append("new" if state == new else "old")
     print(f"kills 0 to 0.4 s after BEGIN left: {outcomes}")
     assert "old" in outcomes, outcomes  # at least one kill landed inside the transaction

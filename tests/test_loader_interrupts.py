@@ -23,7 +23,8 @@ import pytest
 from raw_http_server import Answer
 
 from event_pipeline import warehouse as wh
-from event_pipeline.loader import DOWNLOAD_DIR_PREFIX, load_range, partition_checksum
+from event_pipeline.loader import DOWNLOAD_DIR_PREFIX, load_range
+from event_pipeline.warehouse.raw import partition_checksum
 
 D = date(2019, 1, 1)
 LOAD = [sys.executable, "-m", "event_pipeline.cli", "load"]
@@ -142,22 +143,25 @@ def test_an_interrupt_while_downloading_ends_cleanly_and_changes_nothing(
     assert state(warehouse) == before
 
 
-def test_an_interrupt_between_dates_keeps_the_loaded_ones_and_says_how_to_finish(
+def test_an_interrupt_between_requests_keeps_the_loaded_window_and_says_how_to_finish(
     raw_source, warehouse, tmpdir_env, start_loader, monkeypatch
 ):
+    """369 days are two requests (366 days, then 3): SIGTERM while the second is awaited.
+    (Deliberate change: a range used to be one request per date, so this fell between dates.)"""
     day_one = json.dumps([{"event_id": "a", "user": "u", "timestamp": "2019-01-01T10:00:00Z"}])
     raw_source.script(Answer(body=day_one.encode()), Answer(body=b"[]", delay=60))
 
     monkeypatch.setenv("EVENTS_API_URL", raw_source.url)
-    loader = start_loader(["--start", "2019-01-01", "--end", "2019-01-04"])
-    loader.wait_for(lambda: any("[1/3]" in line for line in loader.lines), "first date")
+    loader = start_loader(["--start", "2019-01-01", "--end", "2020-01-05"])
+    loader.wait_for(lambda: any("[1-366/369]" in line for line in loader.lines), "first window")
     code = loader.interrupt(signal.SIGTERM)
     assert code == 128 + signal.SIGTERM
     advice = (
-        "load interrupted by SIGTERM: 2019-01-01 loaded, 2019-01-02 to 2019-01-03 unchanged; "
-        "`event-stats load --start 2019-01-02 --end 2019-01-04` finishes the job"
+        "load interrupted by SIGTERM: 2019-01-01 to 2020-01-01 loaded, 2020-01-02 to 2020-01-04 "
+        "unchanged; `event-stats load --start 2020-01-02 --end 2020-01-05` finishes the job"
     )
-    assert loader.lines[-1] == advice and len(loader.lines) == 2  # progress line, then that
+    # a line per date of the first window, its request's line, then the advice
+    assert loader.lines[-1] == advice and len(loader.lines) == 366 + 2
     assert list(tmpdir_env.iterdir()) == []
     assert state(warehouse)[0][0] == 1
 
@@ -166,9 +170,10 @@ def test_an_interrupt_between_dates_keeps_the_loaded_ones_and_says_how_to_finish
     subprocess.run([*LOAD, *command[2:]], check=True, capture_output=True, timeout=60)
     with wh.connect(warehouse, read_only=True) as connection:
         loaded = connection.execute(
-            "select distinct event_date from raw.load_log order by 1"
+            "select event_date, count(*) from raw.load_log group by all order by 1"
         ).fetchall()
-    assert [day for (day,) in loaded] == [D, date(2019, 1, 2), date(2019, 1, 3)]
+    assert len(loaded) == 369 and {count for _, count in loaded} == {1}
+    assert loaded[-1][0] == date(2020, 1, 4)
 
 
 def test_an_interrupt_during_a_write_takes_effect_once_it_is_committed(

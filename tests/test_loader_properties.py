@@ -29,8 +29,9 @@ from raw_http_server import Answer, RawHttpServer, ndjson_answer
 
 from event_pipeline import warehouse as wh
 from event_pipeline.events.records import http_date
-from event_pipeline.loader import load_range, partition_checksum
+from event_pipeline.loader import load_range
 from event_pipeline.sources import EventSourceError
+from event_pipeline.warehouse.raw import partition_checksum
 
 D = date(2019, 1, 1)
 MIDNIGHT = datetime(2019, 1, 1, tzinfo=UTC)

@@ -16,8 +16,9 @@ import pytest
 from raw_http_server import Answer, RawHttpServer, ndjson_answer
 
 from event_pipeline import warehouse as wh
-from event_pipeline.loader import load_range, partition_checksum
+from event_pipeline.loader import load_range
 from event_pipeline.sources import EventSourceError
+from event_pipeline.warehouse.raw import partition_checksum
 
 D = date(2019, 1, 1)
 ATTEMPTS = 3
@@ -264,12 +265,26 @@ def test_a_server_error_then_a_whole_answer_loads_the_new_day(raw_source, wareho
     assert result.rows == 10 and len(raw_source.requests) == 2
 
 
-def test_the_next_day_is_not_asked_for_by_a_redirect(raw_source, warehouse):
-    """A range load stops at the refused date; the dates before it stay loaded."""
+def test_a_refused_second_request_keeps_the_first_window_and_writes_nothing_of_its_own(
+    raw_source, warehouse
+):
+    """368 days are two requests (366 days, then 2). A redirect for the second leaves the first
+    window loaded, whole, and nothing of the second. (Deliberate change: a range used to be one
+    request per date.)"""
+    second = D + timedelta(days=366)
     raw_source.script(
         Answer(body=array_body(OLD)),
         Answer(301, headers=(("Location", "/elsewhere/events"),)),
     )
-    with pytest.raises(EventSourceError, match="2019-01-02"):
-        load_range(D, D + timedelta(days=3), api_url=raw_source.url, warehouse_path=warehouse)
+    with pytest.raises(EventSourceError, match=f"events of {second} to {second + timedelta(1)}"):
+        load_range(D, D + timedelta(days=368), api_url=raw_source.url, warehouse_path=warehouse)
+    assert [request.split()[1] for request in raw_source.requests] == [
+        "/events?start_date=2019-01-01&end_date=2020-01-02",
+        "/events?start_date=2020-01-02&end_date=2020-01-04",
+    ]
     assert state(warehouse)[0][0] == 2
+    with wh.connect(warehouse, read_only=True) as connection:
+        ((dates, first, last),) = connection.execute(
+            "select count(*), min(event_date), max(event_date) from raw.load_log"
+        ).fetchall()
+    assert (dates, first, last) == (366, D, second - timedelta(1))

@@ -1,4 +1,5 @@
-"""The warehouse: the one home of warehouse SQL. This module opens it.
+"""The warehouse: the one home of warehouse SQL. This module opens it; its modules hold the
+tables' DDL and queries (raw.py: raw.events and raw.load_log; email_log.py, stats.py, ...).
 
 $WAREHOUSE_PATH chooses the storage (`connect`, the one place that decides): a path ending in
 `.duckdb` is one DuckDB file (the default, data/warehouse.duckdb); any other path is a DuckLake
@@ -22,41 +23,11 @@ import duckdb
 
 from event_pipeline import settings
 from event_pipeline.warehouse import lake
+from event_pipeline.warehouse.raw import ensure_raw_schema
+
+__all__ = ["WarehouseLockedError", "connect", "ensure_raw_schema"]
 
 log = logging.getLogger(__name__)
-
-RAW_SCHEMA_DDL = """
-create schema if not exists raw;
-create table if not exists raw.events (
-    -- unique, enforced by the loader: with a primary key index, replacing a 1M-row partition
-    -- took 70 s instead of 0.7 s (DuckDB 1.5 deletes and re-inserts index entries row by row)
-    event_id    varchar   not null,
-    user_id     varchar   not null,
-    event_type  varchar,
-    event_at    timestamp not null,  -- UTC, without offset
-    event_date  date      not null,  -- UTC date of event_at: the partition key
-    load_id     varchar   not null   -- raw.load_log.load_id of the load that wrote the row
-);
-"""
-
-
-# The load ledger: one row per (load, date), written in the same transaction that replaces (or
-# keeps) the partition, so it always describes what raw.events holds.
-LOAD_LOG_DDL = """
-create schema if not exists raw;
-create table if not exists raw.load_log (
-    load_id        varchar   not null primary key,  -- raw.events.load_id of the rows it wrote
-    run_id         varchar   not null,  -- the Airflow run (or CLI invocation) that loaded
-    event_date     date      not null,  -- the partition
-    rows           bigint    not null,  -- rows in the partition after this load
-    checksum       varchar   not null,  -- content checksum of the partition (load_id excluded)
-    changed        boolean   not null,  -- false: content was identical, raw.events untouched
-    out_of_window  bigint    not null,  -- delivered events dated outside the date: not loaded
-    duplicates     bigint    not null,  -- repeated event_ids in the delivery, stored once
-    source_url     varchar   not null,
-    loaded_at      timestamp not null   -- UTC
-);
-"""
 
 
 class WarehouseLockedError(RuntimeError):
@@ -108,9 +79,3 @@ def connect(
         yield connection
     finally:
         connection.close()
-
-
-def ensure_raw_schema(connection: duckdb.DuckDBPyConnection) -> None:
-    """Create raw.events and the raw.load_log ledger if they do not exist."""
-    connection.execute(RAW_SCHEMA_DDL)
-    connection.execute(lake.table_ddl(connection, LOAD_LOG_DDL))
