@@ -591,7 +591,8 @@ def describe(trial: Trial) -> str:
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _LOG_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2} )?\d{2}:\d{2}:\d{2}(,\d+)?\s*")
-_LIBRARY_DEBUG = re.compile(r"\bDEBUG (?!event_pipeline)")  # httpx, httpcore: not a stage
+# Library chatter (the loader's prefetch of the next date, with -v) is not the step's stage.
+_LIBRARY_DEBUG = re.compile(r"\b(DEBUG (?!event_pipeline)|INFO httpx:)")
 
 
 def last_line(log: Path) -> str:
