@@ -40,7 +40,7 @@ bench: env
 	$(RUN) python benchmarks/bench.py
 
 # SIGKILL every step at random moments and check what it leaves; writes the figures into
-# docs/RELIABILITY.md (about 10 minutes; `make test` runs a quick version). Options, e.g.
+# docs/RELIABILITY.md (11 to 25 minutes on 2 cores; `make test` runs a quick version). Options, e.g.
 # make crash CRASH_ARGS="--steps loader --trials 5 --seed 42"
 crash: env
 	$(RUN) python tests/crash_campaign.py $(CRASH_ARGS)

@@ -71,6 +71,7 @@ DOCS = REPO_ROOT / "docs" / "RELIABILITY.md"
 MARK_START = "<!-- crash-campaign:start"
 MARK_END = "<!-- crash-campaign:end -->"
 STEPS = ("loader", "dbt", "email-outbox", "email-smtp")
+STORAGE_NAMES = {"duckdb": "a DuckDB file", "lake": "a DuckLake"}
 
 DAY = date(2024, 5, 1)
 LOADED = (DAY, DAY + timedelta(days=3))  # the old state holds these dates
@@ -179,6 +180,7 @@ class Lab:
 
     work: Path
     sizes: Sizes
+    storage: str  # "duckdb" (one file) or "lake" (a DuckLake directory), see docs/STORAGE.md
     old_api: str  # the events API serving the old volume per day
     new_api: str  # ... and the new one
     smtp: RecordingSmtp
@@ -191,7 +193,8 @@ class Lab:
 
     @property
     def warehouse(self) -> Path:
-        return self.live / "warehouse" / "warehouse.duckdb"
+        name = "warehouse.duckdb" if self.storage == "duckdb" else "lake"
+        return self.live / "warehouse" / name
 
     @property
     def outbox(self) -> Path:
@@ -262,7 +265,7 @@ class Lab:
 
 
 @contextmanager
-def started_lab(work: Path, sizes: Sizes) -> Iterator[Lab]:
+def started_lab(work: Path, sizes: Sizes, storage: str) -> Iterator[Lab]:
     """Start the two events APIs (old and new volume) and the SMTP server; stop them after."""
     (work / "logs").mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
@@ -279,7 +282,7 @@ def started_lab(work: Path, sizes: Sizes) -> Iterator[Lab]:
         controller = Controller(smtp, hostname="127.0.0.1", port=port)
         controller.start()
         stack.callback(controller.stop)
-        yield Lab(work, sizes, urls["old"], urls["new"], smtp, port)
+        yield Lab(work, sizes, storage, urls["old"], urls["new"], smtp, port)
 
 
 # --- the steps -------------------------------------------------------------------------------
@@ -587,15 +590,17 @@ def describe(trial: Trial) -> str:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_LOG_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2} )?\d{2}:\d{2}:\d{2}(,\d+)?\s+")
-_LIBRARY_DEBUG = re.compile(r"\bDEBUG (?!event_pipeline)")  # httpx, httpcore: not a stage
+_LOG_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2} )?\d{2}:\d{2}:\d{2}(,\d+)?\s*")
+# Library chatter (the loader's prefetch of the next date, with -v) is not the step's stage.
+_LIBRARY_DEBUG = re.compile(r"\b(DEBUG (?!event_pipeline)|INFO httpx:)")
 
 
 def last_line(log: Path) -> str:
     """The last line a run wrote about its own work, without colours and time stamps."""
-    lines = [_ANSI.sub("", line).strip() for line in log.read_text(errors="replace").splitlines()]
+    text = _ANSI.sub("", log.read_text(errors="replace"))
+    lines = [_LOG_TIME.sub("", line.strip()) for line in text.splitlines()]
     lines = [line for line in lines if line and not _LIBRARY_DEBUG.search(line)]
-    return _LOG_TIME.sub("", lines[-1]) if lines else ""
+    return lines[-1] if lines else ""
 
 
 # --- the campaign ----------------------------------------------------------------------------
@@ -611,6 +616,7 @@ class Options:
     work: Path | None = None
     keep: bool = False
     docs: bool = True
+    storage: str = "duckdb"
 
 
 @dataclass
@@ -649,8 +655,11 @@ def run_campaign(options: Options, out: Callable[[str], None] = print) -> Campai
     campaign = Campaign(options, sizes)
     started = time.monotonic()
     work = options.work or Path(tempfile.mkdtemp(prefix="crash-campaign-"))
-    out(f"crash campaign: seed {options.seed}, {options.trials} trial(s) per step, work dir {work}")
-    with started_lab(work, sizes) as lab:
+    out(
+        f"crash campaign: seed {options.seed}, {options.trials} trial(s) per step, "
+        f"{options.storage} warehouse, work dir {work}"
+    )
+    with started_lab(work, sizes, options.storage) as lab:
         build_first_state(lab)
         steps = steps_in_order(sizes)
         last = max(STEPS.index(name) for name in options.steps)
@@ -735,7 +744,8 @@ def markdown_section(campaign: Campaign) -> str:
     header = "| " + " | ".join(TABLE_COLUMNS) + " |"
     lines = [
         f"Latest campaign: {when}, `make crash` (seed {options.seed}, {options.trials} trials per "
-        f"step), {campaign.seconds / 60:.1f} minutes on a {os.cpu_count()}-core machine.",
+        f"step, {STORAGE_NAMES[options.storage]}), {campaign.seconds / 60:.1f} minutes on a "
+        f"{os.cpu_count()}-core machine.",
         "",
         header,
         "|" + "---|" * len(TABLE_COLUMNS),
@@ -749,7 +759,8 @@ def markdown_section(campaign: Campaign) -> str:
         f"**{total} trials, {campaign.violations()} violations.**",
         "",
         "Replay one trial: `uv run python tests/crash_campaign.py --seed "
-        f"{options.seed} --trials {options.trials} --steps STEP --trial N`.",
+        f"{options.seed} --trials {options.trials} --storage {options.storage} --steps STEP "
+        "--trial N`.",
     ]
     return "\n".join(lines)
 
@@ -775,6 +786,12 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--work-dir", type=Path, help="keep the warehouses here")
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
     parser.add_argument("--no-docs", action="store_true", help="do not update RELIABILITY.md")
+    parser.add_argument(
+        "--storage",
+        choices=["duckdb", "lake"],
+        default="duckdb",
+        help="the warehouse as one DuckDB file (default) or a DuckLake directory",
+    )
     args = parser.parse_args(argv)
     steps = tuple(s.strip() for s in args.steps.split(",") if s.strip())
     unknown = set(steps) - set(STEPS)
@@ -792,6 +809,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         work=args.work_dir,
         keep=args.keep,
         docs=not args.no_docs,
+        storage=args.storage,
     )
 
 
