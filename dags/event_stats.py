@@ -3,16 +3,22 @@
 load_raw_events >> dbt (Cosmos task group: one `dbt build` task per node, the model then its
 tests) >> send_stats
 
-- The processed date D is the run's logical date (airflow_support.run_day): a scheduled run
-  covers the day that just ended (CronDataIntervalTimetable: logical date = start of the day),
-  `airflow dags test event_stats D` and `airflow backfill create` process D, and a rerun of a run
-  processes the same D again; a manual run without a logical date processes its data interval
-  start (the last complete day). dbt gets vars start_date=D and end_date=D+1.
-- Every task is atomic and idempotent: the load replaces partition D in one transaction, dbt
-  replaces D's stats in one transaction, and the email is sent once per (date, recipient,
-  content) through the ledger ops.email_log.
+- What a run processes (run_window.run_window, the one rule every task uses): the UTC dates
+  [start_date, end_date) given as params (end_date default start_date + 1 day; the only way to
+  process today's incomplete day); else the logical date's day for a scheduled run, a backfill,
+  or a manual run at 00:00 UTC (`airflow dags test event_stats D`); else the last complete UTC
+  day before the logical date (the UI's Trigger: now) or, without one (`airflow dags trigger`),
+  before the trigger. A day that had not ended when the run was triggered is refused, never
+  half-loaded. start_date is 1970-01-01 so that no date is silently skipped (Airflow creates no
+  task for a logical date before it).
+- Every task is atomic and idempotent: the load replaces each date's partition in one
+  transaction, dbt replaces the window's stats (vars start_date/end_date), and send_stats emails
+  each date once per (date, recipient, content) through the ledger ops.email_log.
 - dbt tests are the quality gate: when one fails, send_stats does not run. send_stats only reads
   the stats, so it can be retried alone without touching them.
+- A task that fails after its last try emails a failure notification, and a scheduled day whose
+  run has not succeeded by settings.stats_deadline() after the day ends raises a deadline alert
+  (event_pipeline.alerts; outbox or SMTP, like the stats; the triggerer sends the alert).
 - The dbt task group is rendered from a manifest.json (dbt_config.dbt_manifest) that `dbt parse`
   remakes only when a file of dbt_project/ changed: importing this file runs no dbt otherwise,
   opens no warehouse and needs no Airflow metadata database.
@@ -25,23 +31,30 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from airflow.sdk import dag, task
+from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference, Param, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 from cosmos import DbtTaskGroup
 
-from event_pipeline import dbt_config, settings
-from event_pipeline.airflow_support import run_date, run_day
+from event_pipeline import alerts, dbt_config, settings
+from event_pipeline.airflow_support import let_dag_test_finish_with_deadlines, run_day
+from event_pipeline.run_window import EARLIEST_DATE, run_window
 
 DBT_VARS = {
-    "start_date": "{{ run_day(dag_run) }}",
-    "end_date": "{{ run_day(dag_run, 1) }}",
+    "start_date": "{{ run_window(dag_run, params).start }}",
+    "end_date": "{{ run_window(dag_run, params).end }}",
+    # Each run audits in its own table, so two runs of the same date never share one.
+    "audit_key": "{{ run_id }}",
 }
+
+
+def _date_param(description: str) -> Param:
+    return Param(None, type=["null", "string"], format="date", description=description)
 
 
 @dag(
     dag_id="event_stats",
     schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
-    start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    start_date=datetime.combine(EARLIEST_DATE, datetime.min.time(), UTC),
     catchup=False,  # past days run through `airflow backfill create` (or `event-stats run`)
     max_active_runs=3,
     default_args={
@@ -49,19 +62,32 @@ DBT_VARS = {
         "retries": 2,
         "retry_delay": timedelta(minutes=1),
         "pool": settings.WAREHOUSE_POOL,  # every task of this DAG opens the DuckDB file
+        "on_failure_callback": alerts.notify_failure,
     },
-    user_defined_macros={"run_day": run_day},
+    params={
+        "start_date": _date_param("First UTC date to process (YYYY-MM-DD); empty: the run's day"),
+        "end_date": _date_param("Day after the last date (exclusive); empty: start_date + 1"),
+    },
+    # The day's stats are due settings.stats_deadline() after the day ends (logical date + 1 day).
+    deadline=DeadlineAlert(
+        reference=DeadlineReference.DAGRUN_LOGICAL_DATE,
+        interval=timedelta(days=1) + settings.stats_deadline(),
+        callback=AsyncCallback(alerts.deadline_missed),  # run by the triggerer
+        name="stats_sent",
+    ),
+    user_defined_macros={"run_window": run_window, "run_day": run_day},
     tags=["event-stats", "duckdb", "dbt"],
     doc_md=__doc__,
 )
 def event_stats() -> None:
     @task
-    def load_raw_events(dag_run=None) -> dict:
-        """Replace raw.events partition D with the events API's answer for D."""
+    def load_raw_events(dag_run=None, params=None) -> list[dict]:
+        """Replace raw.events' partitions of the window with the events API's answer."""
         from event_pipeline import loader
 
-        [result] = loader.load_range(run_date(dag_run), run_id=dag_run.run_id)
-        return {"event_date": result.event_date.isoformat(), "rows": result.rows}
+        window = run_window(dag_run, params)
+        results = loader.load_range(window.start, window.end, run_id=dag_run.run_id)
+        return [{"event_date": r.event_date.isoformat(), "rows": r.rows} for r in results]
 
     dbt = DbtTaskGroup(
         group_id="dbt",
@@ -73,15 +99,23 @@ def event_stats() -> None:
     )
 
     @task
-    def send_stats(dag_run=None) -> list[dict]:
-        """Email D's stats once; by SMTP when the Airflow connection exists, else to the outbox."""
+    def send_stats(dag_run=None, params=None) -> list[dict]:
+        """Email each date's stats once; by SMTP when the Airflow connection exists, else to the
+        outbox."""
         from event_pipeline import report
         from event_pipeline.airflow_support import smtp_settings
 
-        results = report.send_stats(run_date(dag_run), smtp=smtp_settings())
-        return [{"recipient": r.recipient, "status": r.status} for r in results]
+        smtp = smtp_settings()
+        sent = []
+        for day in run_window(dag_run, params).days():
+            results = report.send_stats(day, smtp=smtp)
+            sent += [
+                {"date": day.isoformat(), "recipient": r.recipient, "status": r.status}
+                for r in results
+            ]
+        return sent
 
     load_raw_events() >> dbt >> send_stats()
 
 
-event_stats()
+let_dag_test_finish_with_deadlines(event_stats())

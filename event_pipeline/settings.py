@@ -6,6 +6,8 @@ Paths default to locations inside the repository, so a clone runs with no config
 from __future__ import annotations
 
 import os
+import re
+from datetime import timedelta
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +67,29 @@ def email_from() -> str:
 def email_outbox_dir() -> Path:
     """Where the default email backend writes .eml files."""
     return _path("EMAIL_OUTBOX_DIR", REPO_ROOT / "data" / "outbox")
+
+
+def alert_email_to() -> str:
+    """Recipients of failure notifications and deadline alerts: $EVENT_STATS_ALERT_TO, an
+    address list like $EMAIL_TO; default: the stats recipients."""
+    return os.environ.get("EVENT_STATS_ALERT_TO", "").strip() or email_to()
+
+
+def stats_deadline() -> timedelta:
+    """How long after a day ends (00:00 UTC) its stats email must have gone out, else an alert.
+
+    $EVENT_STATS_DEADLINE is the UTC time on the next day, HH:MM or HH:MM:SS (default 06:00);
+    hours above 23 reach into later days (30:00 is 06:00 two days after the day).
+    """
+    raw = os.environ.get("EVENT_STATS_DEADLINE", "06:00").strip()
+    match = re.fullmatch(r"(\d+):([0-5]\d)(?::([0-5]\d))?", raw)
+    if not match:
+        raise ValueError(
+            f"EVENT_STATS_DEADLINE={raw!r} is not a time; use HH:MM or HH:MM:SS (UTC, on the day "
+            "after the processed day), e.g. 06:00"
+        )
+    hours, minutes, seconds = (int(group or 0) for group in match.groups())
+    return timedelta(hours=hours, minutes=minutes, seconds=seconds)
 
 
 def smtp_conn_id() -> str:

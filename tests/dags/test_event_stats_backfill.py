@@ -2,158 +2,62 @@
 
 Every task opens the DuckDB file, which allows one writer: the 1-slot pool serializes them, so
 concurrent runs never fail on the file lock. `dag.test` ignores pools, hence a real scheduler.
+The days straddle 2026-01-01, the DAG's start_date until it moved to 1970-01-01: a backfill of
+days before the start_date processes them too.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from datetime import date, timedelta
-from pathlib import Path
 
 import pytest
 from dag_fixtures import (  # noqa: F401 (the *_fixture names are fixtures)
+    AirflowServices,
     PipelineEnv,
+    airflow_cli,
     airflow_db_fixture,
-    midnight,
+    airflow_services_fixture,
     pipeline_env_fixture,
+    start_airflow_fixture,
 )
-from smtp_fixtures import free_port
 
 pytestmark = pytest.mark.e2e
 
-FIRST_DAY = date(2026, 1, 10)
+FIRST_DAY = date(2025, 12, 30)
 DAYS = 3
-FINISHED = {"success", "failed"}
-
-
-def _stop_group(process: subprocess.Popen) -> None:
-    """Stop a process we started and its children (its own process group), by PID."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-@pytest.fixture
-def airflow_services(pipeline_env: PipelineEnv, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """dag-processor, scheduler and the execution API server, stopped by PID at the end."""
-    port = free_port()
-    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_hex(16))
-    monkeypatch.setenv(
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL", f"http://127.0.0.1:{port}/execution/"
-    )
-    monkeypatch.setenv("AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE", "False")  # only the backfill runs
-    monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL", "600")  # parse once
-    airflow = str(Path(sys.executable).parent / "airflow")
-    commands = {
-        "api-server": [
-            airflow,
-            "api-server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--apps",
-            "execution",
-        ],
-        "dag-processor": [airflow, "dag-processor"],
-        "scheduler": [airflow, "scheduler"],
-    }
-    logs = pipeline_env.tmp / "airflow-logs"
-    logs.mkdir()
-    started = []
-    try:
-        for name, argv in commands.items():
-            with (logs / f"{name}.log").open("wb") as log:
-                started.append(
-                    subprocess.Popen(
-                        argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                    )
-                )
-        yield logs
-    finally:
-        for process in started:
-            _stop_group(process)
-
-
-def _wait_for(condition, what: str, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(1)
-    raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
 
 
 def test_a_backfill_with_concurrent_runs_succeeds_for_every_day(
-    pipeline_env: PipelineEnv, airflow_services: Path
+    pipeline_env: PipelineEnv, airflow_services: AirflowServices
 ):
-    from airflow.models.backfill import _create_backfill
-    from airflow.models.dag import DagModel
-    from airflow.models.dagrun import DagRun
     from airflow.models.taskinstance import TaskInstance
-    from airflow.utils.session import create_session
-    from sqlalchemy import select, update
+    from sqlalchemy import select
 
     from event_pipeline import settings
 
-    def dag_parsed() -> bool:
-        with create_session() as session:
-            model = session.get(DagModel, "event_stats")
-            return model is not None and model.bundle_name is not None
-
-    _wait_for(dag_parsed, "the dag-processor parsing dags/event_stats.py", 180)
-    with create_session() as session:
-        session.execute(
-            update(DagModel).where(DagModel.dag_id == "event_stats").values(is_paused=False)
-        )
+    airflow_services.wait_until_parsed()
+    airflow_services.unpause()
     last_day = FIRST_DAY + timedelta(days=DAYS - 1)
-    _create_backfill(
-        dag_id="event_stats",
-        from_date=midnight(FIRST_DAY),
-        to_date=midnight(last_day),
-        max_active_runs=DAYS,
-        reverse=False,
-        dag_run_conf=None,
-        triggering_user_name="pytest",
-    )
+    created = airflow_cli(
+        "backfill", "create", "--dag-id", "event_stats", "--from-date", FIRST_DAY.isoformat(),
+        "--to-date", last_day.isoformat(), "--max-active-runs", str(DAYS),
+    )  # fmt: skip
+    assert created.returncode == 0, created.stdout + created.stderr
 
-    def runs() -> list[DagRun]:
-        with create_session() as session:
-            found = session.scalars(
-                select(DagRun).where(DagRun.dag_id == "event_stats", DagRun.run_type == "backfill")
-            ).all()
-            session.expunge_all()
-            return found
+    finished = airflow_services.wait_for_finished_runs(DAYS, 420, run_type="backfill")
 
-    def all_finished():
-        found = runs()
-        return len(found) == DAYS and all(str(r.state) in FINISHED for r in found) and found
-
-    finished = _wait_for(all_finished, f"{DAYS} backfill runs finishing", 420)
-
-    logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in airflow_services.glob("*.log"))
-    assert {str(r.state) for r in finished} == {"success"}, logs
+    assert {str(r.state) for r in finished} == {"success"}, airflow_services.log_tail()
     assert sorted(r.logical_date.date() for r in finished) == [
         FIRST_DAY + timedelta(days=i) for i in range(DAYS)
     ]
+    # Each run loaded its own day (days before the old start_date too).
+    assert sorted(pipeline_env.loads()) == sorted(
+        (r.run_id, r.logical_date.date()) for r in finished
+    )
     # Several runs were active at the same time ...
     spans = [(r.start_date, r.end_date) for r in finished]
     assert any(a[0] < b[1] and b[0] < a[1] for a in spans for b in spans if a is not b), spans
-    with create_session() as session:
+    with airflow_services.session() as session:
         tis = session.scalars(
             select(TaskInstance).where(
                 TaskInstance.dag_id == "event_stats",

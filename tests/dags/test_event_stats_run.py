@@ -67,6 +67,10 @@ def test_a_failing_dbt_test_blocks_the_email(pipeline_env: PipelineEnv, dbt_proj
         "select table_schema || '.' || table_name from information_schema.tables"
     )
     assert ("ops.email_log",) not in tables  # send_stats never ran
+    # Someone is told: the failed dbt task, with the test's failure in the notification.
+    [alert] = pipeline_env.alerts()
+    assert "FAILED: event_stats 2026-01-05, task dbt.event_stats_model_build" in alert["Subject"]
+    assert "assert_no_stats_for_this_day" in alert.get_body().get_content()
 
 
 def test_smtp_failure_keeps_the_stats_and_retrying_send_stats_alone_sends_once(

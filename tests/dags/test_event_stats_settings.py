@@ -1,8 +1,9 @@
-"""The event_stats DAG keeps its declared shape: schedule, date rule, task order, the pool."""
+"""The event_stats DAG keeps its declared shape: schedule, date rule, params, task order, the pool,
+failure notifications and the deadline alert."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,8 +11,9 @@ import pytest
 from airflow.dag_processing.dagbag import DagBag
 from dag_fixtures import airflow_db_fixture, load_dag  # noqa: F401 (the airflow_db fixture)
 
-from event_pipeline import settings
+from event_pipeline import alerts, settings
 from event_pipeline.airflow_support import run_day
+from event_pipeline.run_window import run_window
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,9 @@ def test_daily_at_midnight_utc_with_a_day_long_data_interval(dag):
         datetime(2026, 1, 5, tzinfo=UTC),
         datetime(2026, 1, 6, tzinfo=UTC),
     )
-    assert dag.start_date == datetime(2026, 1, 1, tzinfo=UTC)
+    # No date a run can name is before the start_date (Airflow would create no task for it).
+    assert dag.start_date == datetime(1970, 1, 1, tzinfo=UTC)
+    assert dag.catchup is False  # the start_date schedules nothing in the past
     assert dag.max_active_runs >= 2
 
 
@@ -45,31 +49,43 @@ def test_load_then_dbt_then_email_every_task_in_the_warehouse_pool(dag):
     assert all(task.retries >= 1 for task in dag.tasks)
 
 
-def test_dbt_gets_the_run_date_as_vars(dag):
+def test_dbt_gets_the_run_window_as_vars(dag):
     [model] = [t for t in dag.tasks if t.task_id.startswith("dbt.event_stats")]
     assert model.vars == {
-        "start_date": "{{ run_day(dag_run) }}",
-        "end_date": "{{ run_day(dag_run, 1) }}",
+        "start_date": "{{ run_window(dag_run, params).start }}",
+        "end_date": "{{ run_window(dag_run, params).end }}",
+        "audit_key": "{{ run_id }}",
     }
+    assert dag.user_defined_macros["run_window"] is run_window
     assert dag.user_defined_macros["run_day"] is run_day
 
 
-def _run(logical_date, interval_start=None):
-    return SimpleNamespace(
-        run_id="r", logical_date=logical_date, data_interval_start=interval_start
-    )
+def test_start_date_and_end_date_are_optional_date_params(dag):
+    params = dag.params.dump()
+    assert params == {"start_date": None, "end_date": None}
+    for name in params:
+        schema = dag.params.get_param(name).schema
+        assert schema["type"] == ["null", "string"] and schema["format"] == "date"
 
 
-def test_run_day_is_the_logical_date_or_else_the_data_interval_start():
+def test_run_day_is_the_first_day_of_the_run_window():
     day = datetime(2026, 1, 5, tzinfo=UTC)
-    assert run_day(_run(day, day - timedelta(days=1))) == "2026-01-05"  # `airflow dags test D`
-    assert run_day(_run(day, day), 1) == "2026-01-06"
-    assert run_day(_run(None, day)) == "2026-01-05"  # a manual run without a logical date
-    # Converted to UTC before taking the date.
-    east = timezone(timedelta(hours=5))
-    assert run_day(_run(datetime(2026, 1, 6, 2, tzinfo=east))) == "2026-01-05"
-    with pytest.raises(ValueError, match="neither a logical date nor a data interval"):
-        run_day(_run(None, None))
+    run = SimpleNamespace(run_id="r", logical_date=day, run_after=day + timedelta(days=1), conf={})
+    assert run_day(run) == "2026-01-05"
+    assert run_day(run, 1) == "2026-01-06"
+    assert run_day(run, 0, {"start_date": "2026-01-02", "end_date": "2026-01-04"}) == "2026-01-02"
+
+
+def test_every_task_notifies_its_failure_and_the_day_has_a_deadline(dag):
+    from airflow.sdk.definitions.callback import AsyncCallback
+    from airflow.sdk.definitions.deadline import DagRunLogicalDateDeadline
+
+    assert all(task.on_failure_callback == [alerts.notify_failure] for task in dag.tasks)
+    [deadline] = dag.deadline
+    # Due EVENT_STATS_DEADLINE (default 06:00) after the processed day ends.
+    assert isinstance(deadline.reference, DagRunLogicalDateDeadline)
+    assert deadline.interval == timedelta(days=1, hours=6)
+    assert deadline.callback == AsyncCallback(alerts.deadline_missed)
 
 
 def test_a_broken_dag_file_is_reported_as_an_import_error(tmp_path: Path):
