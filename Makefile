@@ -15,6 +15,8 @@ env:
 	$(UV) sync --locked
 	@# the DuckLake extensions, from their PyPI packages into DuckDB's extension directory
 	$(RUN) python -c "from event_pipeline.warehouse import lake; lake.install_extensions()"
+	@# the dbt manifest the DAG renders from, so that no DAG parse has to run `dbt parse`
+	$(RUN) python -c "from event_pipeline import dbt_config; dbt_config.dbt_manifest()"
 
 run: env
 	$(RUN) event-stats run

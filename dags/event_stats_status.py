@@ -3,7 +3,9 @@
 One task, report_status, logs the status report of every date from the first one the ledgers
 know through the run's date D, and fails when any date has a gap (not loaded, not built) or is
 stale (raw changed after the build, email missing, outdated or unconfirmed): the run shows red in
-the grid, and the log says which dates and what to do. Clearing the task checks again.
+the grid, the log says which dates and what to do, and the failure is emailed like any failed
+task of event_stats (alerts.notify_failure): that is how a day the scheduler never ran is
+noticed. Clearing the task checks again.
 
 - Scheduled at 06:00 UTC for the day that ended six hours before: event_stats runs at 00:00 for
   the same day, and six hours leave room for its retries. A check that ran before event_stats
@@ -20,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from airflow.sdk import dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
-from event_pipeline import settings
+from event_pipeline import alerts, settings
 from event_pipeline.airflow_support import run_date
 
 
@@ -35,6 +37,8 @@ from event_pipeline.airflow_support import run_date
         "retries": 2,  # a warehouse locked for too long; problems found fail at once
         "retry_delay": timedelta(minutes=5),
         "pool": settings.WAREHOUSE_POOL,
+        # Problems found (a day the scheduler never ran included) reach someone by email.
+        "on_failure_callback": alerts.notify_failure,
     },
     tags=["event-stats", "duckdb", "status"],
     doc_md=__doc__,

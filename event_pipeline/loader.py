@@ -299,10 +299,9 @@ def _check_not_stored_elsewhere(
     """event_id is unique in raw.events: refuse ids that a date outside the window holds.
 
     That happens when the source re-dates an event (our ids are stable, timestamps may be
-    corrected). Inside the window the replace itself moves the event. This process holds the
-    writer lock, so nothing changes until the transaction. The remedy reloads the other date(s)
-    first (which drops the event there), then resumes at this window: that works whether the
-    event moved forwards or backwards.
+    corrected). Inside the window the replace itself moves the event. The remedy is therefore
+    one load whose window spans both the stored dates and this window: it works for events
+    moved forwards, backwards, or swapped between dates (one at a time would refuse in turn).
     """
     found = raw.stored_elsewhere(connection, sources.STAGED, window.start, window.end)
     if found is None:
@@ -311,14 +310,14 @@ def _check_not_stored_elsewhere(
         f"{redated.event_id} (stored under {redated.stored_under}) to {redated.dated}"
         for redated in found.examples
     )
-    commands = [source.command(day, day + timedelta(days=1)) for day in found.stored_under]
-    commands.append(source.command(window.start, end))
+    first = min(window.start, *found.stored_under)
+    after_last = max(end, *(day + timedelta(days=1) for day in found.stored_under))
     raise sources.EventSourceError(
         f"{window}: the source ({source.url(window)}) now dates event(s) {listed}, and an "
         f"event_id is stored once; nothing was written for {window}. "
-        "Reload the date(s) they are stored under first, then resume here: "
-        f"`{' && '.join(commands)}`. (If the source still dates an event to both days, it "
-        "holds two versions of it: fix the source.)"
+        "Reload the dates they are stored under together with this window, in one load: "
+        f"`{source.command(first, after_last)}`. (If the source still dates an event to both "
+        "days, it holds two versions of it: fix the source.)"
     )
 
 
@@ -332,15 +331,26 @@ def _stage(
     """Parse and validate the download into `staged`; nothing is written to raw.events."""
     started = time.monotonic()
     url = source.url(window)
-    _, duplicates = sources.stage_events(
+    delivered, duplicates = sources.stage_events(
         connection, path, what=f"events of {window}", url=url, start=window.start, end=window.end
     )
     outside = raw.outside_window(connection, sources.STAGED, window.start, window.end)
+    outside_events = sum(o.events for o in outside)
+    if outside and delivered - duplicates == outside_events:
+        # Events, none of them for the window: an answer to another request (a cache keyed
+        # without the query string, a source ignoring start_date), not an empty window.
+        raise sources.EventSourceError(
+            f"The events API answered the events of {window} from {url} with {outside_events} "
+            f"event(s), none of them dated in the window (they are of "
+            f"{', '.join(str(o.event_date) for o in outside)}): "
+            "that is an answer for other dates, not an empty window, so nothing was written. "
+            "Check that the API (and any cache before it) honours start_date and end_date."
+        )
     if outside:
         log.warning(
             "%s: the source sent %d event(s) dated outside %s, which were NOT loaded: %s (from %s)",
             window,
-            sum(o.events for o in outside),
+            outside_events,
             window,
             ", ".join(f"{o.event_date}: {o.events}" for o in outside),
             url,

@@ -117,13 +117,16 @@ def bare_address(address: str, *, source: str) -> str:
     """`address` validated (local@domain) and lowercased; InvalidAddressError otherwise."""
     try:
         parsed = Address(addr_spec=address)
+        # ASCII only: an internationalized address needs SMTPUTF8, which is not supported.
         valid = bool(parsed.username and parsed.domain) and " " not in address
+        valid = valid and address.isascii()
     except (ValueError, IndexError, HeaderParseError):
         valid = False
     if not valid:
         raise InvalidAddressError(
-            f"Invalid email address {address!r} in {source}: use addresses like "
-            '`a@example.com` or `"Doe, John" <j@example.com>`, separated by commas.'
+            f"Invalid email address {address!r} in {source}: use ASCII addresses like "
+            '`a@example.com` or `"Doe, John" <j@example.com>`, separated by commas (an '
+            "internationalized domain goes in its xn-- form)."
         )
     return address.lower()
 

@@ -327,13 +327,20 @@ def _send_one(
             entry.message_id,
             entry.recipient,
         )
-    message = compose_email(
-        day,
-        sender=sender,
-        recipient=plan.recipient.formatted(),
-        message_id=entry.message_id,
-        replaces=plan.replaces,
-    )
+    try:
+        message = compose_email(
+            day,
+            sender=sender,
+            recipient=plan.recipient.formatted(),
+            message_id=entry.message_id,
+            replaces=plan.replaces,
+        )
+    except Exception as error:  # nothing left this process: certainly not sent
+        failure = mail.MailDeliveryError(
+            f"The stats email to {entry.recipient} could not be composed: {error!r}"
+        )
+        _record_outcome(connection, plan, failure)
+        raise failure from error
     try:
         where = mail.deliver(message, smtp=smtp, outbox_dir=outbox_dir)
     except mail.MailDeliveryError as error:

@@ -135,6 +135,9 @@ def airflow_env() -> dict[str, str]:
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        # A parse that must remake the dbt manifest (a dbt file changed since `make env`) runs
+        # `dbt parse`; on a busy 2-core machine that can exceed Airflow's 30 s.
+        "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "180",
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
         # The UI and API of `event-stats airflow standalone` on loopback only (Airflow: 0.0.0.0),
         # and task processes reach its execution API there, also on another AIRFLOW__API__PORT.

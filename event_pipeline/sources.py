@@ -46,6 +46,9 @@ STAGED = "staged"  # the temp table `stage_events` fills, read by warehouse.raw
 MAX_WINDOW_DAYS = 366  # the events API answers at most this many days per request
 
 ACCEPT = "application/x-ndjson, application/json;q=0.9"
+# The body must arrive as sent: inside a compressed body, a stream cut at a line boundary can sit
+# in intact HTTP framing, and httpx's decoders do not check that the stream ended.
+REQUEST_HEADERS = {"Accept": ACCEPT, "Accept-Encoding": "identity"}
 NDJSON_TYPES = frozenset(
     {"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"}
 )
@@ -155,8 +158,9 @@ def download(
 def _download_once(
     url: str, destination: Path, what: str, timeout: float, cancellation: Cancellation
 ) -> Delivery:
-    with httpx.stream("GET", url, headers={"Accept": ACCEPT}, timeout=timeout) as response:
+    with httpx.stream("GET", url, headers=REQUEST_HEADERS, timeout=timeout) as response:
         _check_status(response, what, url)
+        _check_encoding(response, what, url)
         size = _write_body(response, destination, cancellation)
         delivery = Delivery(destination, _framing(response), _media_type(response), size)
     _check_complete(delivery, what=what, url=url)
@@ -189,6 +193,17 @@ def _check_status(response: httpx.Response, what: str, url: str) -> None:
         f"The events API refused the {what}: HTTP {status} from {url}: {body!r}. "
         "Check the date and EVENTS_API_URL."
     )
+
+
+def _check_encoding(response: httpx.Response, what: str, url: str) -> None:
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise EventSourceError(
+            f"The events API answered the {what} from {url} with Content-Encoding {encoding!r} "
+            "although the loader asked for none (Accept-Encoding: identity): the end of a "
+            "compressed body cannot be verified, so nothing was written. Configure the API (or "
+            "the proxy before it) to honour Accept-Encoding: identity."
+        )
 
 
 def _base_url(location: str, url: str) -> str:

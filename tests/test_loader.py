@@ -277,6 +277,22 @@ def test_a_redated_event_is_refused_with_a_command_that_fixes_it(
     ]
 
 
+def test_events_swapped_between_two_dates_are_fixed_by_the_command_the_error_gives(
+    events_api, warehouse, tmp_path, monkeypatch
+):
+    # m moves from D to D1 and n from D1 to D: reloading either date alone refuses in turn.
+    data = tmp_path / "replay"
+    write_replay(data, [event("m", "2019-01-01T08:00:00Z"), event("n", "2019-01-02T08:00:00Z")])
+    url = events_api(data_dir=data)
+    load_range(D, D + timedelta(days=2), api_url=url, warehouse_path=warehouse)
+    write_replay(data, [event("m", "2019-01-02T08:00:00Z"), event("n", "2019-01-01T08:00:00Z")])
+    with pytest.raises(EventSourceError) as error:
+        load_range(D1, api_url=url, warehouse_path=warehouse)
+    assert [(row[0], row[4]) for row in stored(warehouse)] == [("m", D), ("n", D1)]
+    run_advice(str(error.value), monkeypatch)
+    assert [(row[0], row[4]) for row in stored(warehouse)] == [("m", D1), ("n", D)]
+
+
 def test_events_outside_the_window_are_counted_not_written(
     events_api, static_source, warehouse, tmp_path, caplog
 ):

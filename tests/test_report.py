@@ -170,7 +170,9 @@ def test_a_recipient_listed_twice_is_sent_once(stats_db: Path, tmp_path: Path, e
     assert table(stats_db, "select recipient from ops.email_log") == [("a@example.com",)]
 
 
-@pytest.mark.parametrize("bad", ["not-an-address", "a b@example.com", "x@", "a@example.com;b@x"])
+@pytest.mark.parametrize(
+    "bad", ["not-an-address", "a b@example.com", "x@", "a@example.com;b@x", "j@exämple.com"]
+)
 def test_an_invalid_recipient_is_refused_naming_it(stats_db: Path, tmp_path: Path, bad: str):
     with pytest.raises(mail.InvalidAddressError, match="Invalid email address") as error:
         send_stats(
@@ -305,3 +307,33 @@ def test_smtp_delivers_the_same_message(stats_db: Path, smtp_server, tmp_path: P
     assert "2026-01-05" in received["Subject"]
     assert result.backend == f"smtp://127.0.0.1:{smtp.port}"
     assert list(tmp_path.glob("*.eml")) == []  # SMTP replaces the outbox
+
+
+def test_an_email_that_cannot_be_composed_does_not_stop_the_others(
+    stats_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    outbox = tmp_path / "outbox"
+    recipients = "a@example.com, b@example.com, c@example.com"
+    compose = report.compose_email
+
+    def compose_failing_for_b(*args, **kwargs):
+        if "b@example.com" in kwargs["recipient"]:
+            raise UnicodeEncodeError("utf-8", "x", 0, 1, "a fault while composing")
+        return compose(*args, **kwargs)
+
+    monkeypatch.setattr(report, "compose_email", compose_failing_for_b)
+    with pytest.raises(report.SendStatsError, match="b@example.com could not be composed"):
+        send_stats(DAY, warehouse_path=stats_db, recipients=recipients, outbox_dir=outbox)
+    # The others went out; b's intent is gone (certainly not sent), so nothing is in doubt.
+    assert sorted(table(stats_db, "select recipient, status from ops.email_log")) == [
+        ("a@example.com", "sent"),
+        ("c@example.com", "sent"),
+    ]
+    monkeypatch.setattr(report, "compose_email", compose)
+    again = send_stats(DAY, warehouse_path=stats_db, recipients=recipients, outbox_dir=outbox)
+    assert sorted((r.recipient, r.status) for r in again) == [
+        ("a@example.com", "unchanged"),
+        ("b@example.com", "sent"),
+        ("c@example.com", "unchanged"),
+    ]
+    assert len(list(outbox.glob("*.eml"))) == 3

@@ -9,6 +9,7 @@ that the refused answer left the day and its ledger exactly as they were.
 from __future__ import annotations
 
 import json
+import zlib
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -288,3 +289,30 @@ def test_a_refused_second_request_keeps_the_first_window_and_writes_nothing_of_i
             "select count(*), min(event_date), max(event_date) from raw.load_log"
         ).fetchall()
     assert (dates, first, last) == (366, D, second - timedelta(1))
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("whole", [False, True], ids=["cut", "whole"])
+def test_a_compressed_body_is_refused_even_in_intact_framing(
+    raw_source: RawHttpServer, warehouse: Path, old_day: tuple, framing: str, whole: bool
+):
+    # A gzip stream that stops after 2 of 10 NDJSON lines, inside framing that is complete:
+    # httpx's decoder would hand over the 2 lines without noticing the missing end.
+    gzip = zlib.compressobj(wbits=31)
+    lines = ndjson_body(NEW if whole else NEW[:2])
+    body = gzip.compress(lines) + (gzip.flush() if whole else gzip.flush(zlib.Z_FULL_FLUSH))
+    headers = (("Content-Type", "application/x-ndjson"), ("Content-Encoding", "gzip"))
+    text = refused(raw_source, warehouse, Answer(body=body, headers=headers, framing=framing))
+    assert "Content-Encoding 'gzip'" in text and "nothing was written" in text
+    assert state(warehouse) == old_day
+
+
+def test_an_answer_for_other_dates_does_not_empty_the_stored_day(
+    raw_source: RawHttpServer, warehouse: Path, old_day: tuple
+):
+    # Yesterday's answer served again (a cache keyed without the query string): complete and
+    # well-framed, but not one event of D. That is not an empty day.
+    yesterday = [event(f"y-{i}", f"2018-12-31T0{i}:00:00Z") for i in range(3)]
+    text = refused(raw_source, warehouse, Answer(body=array_body(yesterday)))
+    assert "none of them dated in the window" in text and "2018-12-31" in text
+    assert state(warehouse) == old_day

@@ -55,6 +55,41 @@
 {%- endmacro %}
 
 
+{#
+    Pre-hook of event_stats, inside the publish's transaction: refuse audited stats that no
+    longer match raw.events. An audit table built before raw changed (a cleared or retried
+    publish task running after another run reloaded the date) passed its tests on the old
+    events; publishing it would make the stats disagree with raw. The check recounts the
+    processed dates exactly as int_event_stats__audit counts them and compares row for row.
+#}
+{% macro require_audit_matches_raw() -%}
+    {%- set audited = ref('int_event_stats__audit') -%}
+    {%- set dates = processed_dates_filter('event_date') -%}
+    with audited as (
+        select event_date, user_id, event_count from {{ audited }} where {{ dates }}
+    ),
+    recounted as (
+        select event_date, user_id, count(*) as event_count
+        from {{ ref('stg_events__events') }}
+        where {{ dates }}
+        group by event_date, user_id
+    ),
+    differences as (
+        (select * from audited except all select * from recounted)
+        union all
+        (select * from recounted except all select * from audited)
+    )
+    select error(
+        'Audited stats in {{ audited }} no longer match raw.events for '
+        || string_agg(distinct cast(event_date as varchar), ', ' order by cast(event_date as varchar))
+        || ': raw changed after the audit, so they were not published. Build and test them '
+        || 'again: dbt build --select int_event_stats__audit+ with the same vars.'
+    )
+    from differences
+    having count(*) > 0
+{%- endmacro %}
+
+
 {# Post-hook of event_stats, inside the publish's transaction: the audit table is consumed. #}
 {% macro drop_audited_stats() -%}
     drop table {{ ref('int_event_stats__audit') }}

@@ -186,7 +186,7 @@ AIRFLOW = str(Path(sys.executable).parent / "airflow")
 EVENT_STATS = str(Path(sys.executable).parent / "event-stats")
 
 
-def airflow_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+def airflow_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`event-stats airflow ARGS...`: Airflow on this project's configuration, as a user runs it."""
     return subprocess.run(
         [EVENT_STATS, "airflow", *args],

@@ -44,7 +44,7 @@ def test_a_backfill_with_concurrent_runs_succeeds_for_every_day(
     )  # fmt: skip
     assert created.returncode == 0, created.stdout + created.stderr
 
-    finished = airflow_services.wait_for_finished_runs(DAYS, 420, run_type="backfill")
+    finished = airflow_services.wait_for_finished_runs(DAYS, 900, run_type="backfill")
 
     assert {str(r.state) for r in finished} == {"success"}, airflow_services.log_tail()
     assert sorted(r.logical_date.date() for r in finished) == [

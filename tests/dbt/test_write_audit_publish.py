@@ -111,15 +111,32 @@ def test_runs_of_the_same_dates_with_their_own_audit_key_keep_their_own_audit_ta
         for run in (run_a, run_b)
     )
     wh.dbt("run", "--select", "+int_event_stats__audit", dbt_vars=run_a)
-    audited_by_a = stats_of(wh.expected_stats(), D2)
-    wh.add_events(day_events(D2, {"u5": 3}, prefix="late"))
     wh.dbt("run", "--select", "+int_event_stats__audit", dbt_vars=run_b)
     assert audit_tables(wh) == sorted([table_a, table_b])
 
     wh.build(run_a, "--select", PUBLISH)
 
-    assert stats_of(wh.stats(), D2) == audited_by_a
+    assert stats_of(wh.stats(), D2) == stats_of(wh.expected_stats(), D2)
     assert audit_tables(wh) == [table_b]
+
+
+def test_audited_stats_that_raw_no_longer_matches_are_not_published(wh: Warehouse) -> None:
+    """A run audits D2, then raw changes and another run publishes the new stats; when the
+    first run's publish comes last (a cleared or retried task), its stale audit is refused."""
+    fill(wh)
+    wh.build(date_vars(D2))
+    run_a = {**date_vars(D2), "audit_key": "scheduled__2024-03-02T00:00:00+00:00"}
+    run_b = {**date_vars(D2), "audit_key": "manual__2024-03-02T00:00:00+00:00"}
+    wh.dbt("run", "--select", "+int_event_stats__audit", dbt_vars=run_a)
+    wh.add_events(day_events(D2, {"u5": 3}, prefix="late"))
+    wh.build(run_b)
+    current = wh.stats()
+    assert stats_of(current, D2) == stats_of(wh.expected_stats(), D2)
+
+    with pytest.raises(DbtRunError, match="no longer match raw.events for 2024-03-02"):
+        wh.build(run_a, "--select", PUBLISH)
+
+    assert wh.stats() == current
 
 
 def test_the_audit_tests_run_before_the_publish(wh: Warehouse) -> None:

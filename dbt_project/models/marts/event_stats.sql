@@ -3,7 +3,8 @@
     tests dbt runs first). Incremental delete+insert on the date partition: every date in
     [var start_date, var end_date) is replaced whole, including dates that became empty in raw
     (meta.replace_where, see macros/delete_insert_replace_where.sql); other dates are not touched.
-    Without vars every date is processed, so the table is made equal to raw.events.
+    Without vars every date is processed, so the table is made equal to raw.events. A pre-hook
+    refuses audited stats that raw.events no longer matches (macros/audit.sql).
     In the same transaction the post-hooks record the build in ops.build_log
     (macros/build_log.sql) and drop the audit table (macros/audit.sql).
 #}
@@ -17,6 +18,7 @@
         meta={'replace_where': processed_dates_filter('event_date')},
         pre_hook=[
             "{{ require_audited_stats() }}",
+            "{{ require_audit_matches_raw() }}",
             "{{ remember_replaced_dates() }}",
         ],
         post_hook=[
@@ -25,6 +27,8 @@
         ],
     )
 }}
+
+-- depends_on: {{ ref('stg_events__events') }}
 
 with audited as (
 
