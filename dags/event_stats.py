@@ -88,19 +88,9 @@ def event_stats() -> None:
     def load_raw_events(dag_run=None, params=None) -> list[dict]:
         """Log in to the events API (when it requires it) and replace raw.events' partitions of
         the window with its answer: one unit, the token never leaves the task."""
-        from event_pipeline import loader
-        from event_pipeline.airflow_support import events_api_access
+        from event_pipeline.airflow_support import load_events
 
-        window = run_window(dag_run, params)
-        api = events_api_access()  # the Airflow connection's URL and credentials, if any
-        results = loader.load_range(
-            window.start,
-            window.end,
-            run_id=dag_run.run_id,
-            api_url=api.api_url,
-            credentials=api.credentials,
-        )
-        return [{"event_date": r.event_date.isoformat(), "rows": r.rows} for r in results]
+        return load_events(dag_run, params)
 
     dbt = DbtTaskGroup(
         group_id="dbt",

@@ -174,6 +174,32 @@ def events_api_access(conn_id: str | None = None) -> EventsApiAccess:
     return EventsApiAccess(api_url, credentials)
 
 
+def load_events(dag_run: Any, params: Mapping[str, Any] | None = None) -> list[dict]:
+    """The load task: log in (when configured) and load the run's window; returns the XCom.
+
+    Refused credentials fail the task without retries (AirflowFailException): a retry would
+    only log in with the same credentials again. The XCom holds dates and row counts only.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from event_pipeline import loader
+    from event_pipeline.sources import LoginRefused
+
+    window = run_window(dag_run, params)
+    api = events_api_access()
+    try:
+        results = loader.load_range(
+            window.start,
+            window.end,
+            run_id=dag_run.run_id,
+            api_url=api.api_url,
+            credentials=api.credentials,
+        )
+    except LoginRefused as refused:
+        raise AirflowFailException(str(refused)) from None
+    return [{"event_date": r.event_date.isoformat(), "rows": r.rows} for r in results]
+
+
 def _flag(value: object) -> bool:
     return value is True or str(value).strip().lower() in {"true", "1", "yes"}
 

@@ -1,0 +1,118 @@
+"""The event_stats DAG against the events API in login mode, credentials from an Airflow connection.
+
+The load task logs in and fetches in one unit: its token must show up nowhere outside it (no task
+log, no captured output, no XCom or other metadata, no warehouse table), nor the password.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+from dag_fixtures import (  # noqa: F401 (the *_fixture names are fixtures)
+    PipelineEnv,
+    airflow_db_fixture,
+    load_dag,
+    midnight,
+    pipeline_env_fixture,
+    task_states,
+)
+from leaks import assert_absent, warehouse_text
+
+pytestmark = pytest.mark.e2e
+
+DAY = date(2026, 1, 5)
+
+
+def connect_events_api(monkeypatch: pytest.MonkeyPatch, api, password: str | None = None) -> None:
+    """The Airflow connection `events_api` (from the environment, as a secrets backend would)."""
+    host, port = api.url.removeprefix("http://").split(":")
+    connection = {
+        "conn_type": "http",
+        "host": host,
+        "port": int(port),
+        "login": api.user,
+        "password": password or api.password,
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_EVENTS_API", json.dumps(connection))
+
+
+def metadata_bytes() -> bytes:
+    """The Airflow metadata database's files (SQLite, with its journal): XComs, Variables,
+    task instances, rendered fields, logs kept in the database."""
+    url = os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    path = Path(url.removeprefix("sqlite:///"))
+    files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-journal")]
+    return b"".join(file.read_bytes() for file in files if file.exists())
+
+
+def task_log_text() -> str:
+    """Every file under AIRFLOW_HOME/logs (task logs, if Airflow wrote any)."""
+    logs = Path(os.environ["AIRFLOW_HOME"]) / "logs"
+    files = [p for p in logs.rglob("*") if p.is_file()] if logs.exists() else []
+    return "\n".join(p.read_text(errors="replace") for p in files)
+
+
+def test_a_dag_run_logs_in_with_the_airflow_connection_and_the_token_stays_in_the_task(
+    pipeline_env: PipelineEnv,
+    login_api,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog,
+    capfd,
+):
+    api = login_api(events_per_day=40)
+    # EVENTS_API_URL (pipeline_env) points at an open events API: the connection's host wins.
+    connect_events_api(monkeypatch, api)
+    dag = load_dag()
+
+    run = dag.test(logical_date=midnight(DAY))
+
+    assert str(run.state) == "success", task_states(run)
+    assert pipeline_env.query("select event_date, count(*) from raw.events group by 1") == [
+        (DAY, 40)
+    ]
+    [(source_url,)] = pipeline_env.query("select source_url from raw.load_log")
+    assert source_url.startswith(f"{api.url}/events?")
+    [eml] = pipeline_env.emails()
+    assert "40 events" in eml.read_text()
+    assert api.requests("POST", "/login", 200) == 1 == len(api.tokens())
+    assert api.requests("GET", "/events", 200) == 1
+    [load] = [ti for ti in run.get_task_instances() if ti.task_id == "load_raw_events"]
+    assert load.xcom_pull(task_ids="load_raw_events") == [
+        {"event_date": DAY.isoformat(), "rows": 40}
+    ]
+    captured = capfd.readouterr()
+    texts = [caplog.text, captured.out, captured.err, task_log_text()]
+    texts.append(warehouse_text(pipeline_env.warehouse))
+    assert_absent([*api.tokens(), api.password], texts, [metadata_bytes()])
+
+
+def test_wrong_credentials_fail_the_run_at_once_without_retries_and_write_nothing(
+    pipeline_env: PipelineEnv, login_api, monkeypatch: pytest.MonkeyPatch, caplog, capfd
+):
+    api = login_api()
+    wrong = api.password + "-wrong"
+    connect_events_api(monkeypatch, api, password=wrong)
+    dag = load_dag(retries=2)  # the DAG's own retries: refused credentials must not use them
+    for task in dag.tasks:
+        task.retry_delay = timedelta(seconds=1)
+
+    run = dag.test(logical_date=midnight(DAY))
+
+    states = task_states(run)
+    assert str(run.state) == "failed"
+    assert states["load_raw_events"] == "failed", states
+    assert states["send_stats"] == "upstream_failed", states
+    assert api.requests("POST", "/login", 401) == 1  # one login attempt in all: no retry
+    assert api.requests("POST", "/login", 200) == api.requests("GET", "/events") == 0
+    assert pipeline_env.loads() == [] and pipeline_env.emails() == []
+    [alert] = pipeline_env.alerts()
+    body = alert.get_body().get_content()
+    assert f"refused the login of user 'loader' at {api.url}/login" in body
+    captured = capfd.readouterr()
+    texts = [caplog.text, captured.out, captured.err, task_log_text(), body]
+    texts.append(warehouse_text(pipeline_env.warehouse))
+    assert_absent([wrong, api.password], texts, [metadata_bytes()])
