@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 from dag_fixtures import (  # noqa: F401 (the *_fixture names are fixtures)
     PipelineEnv,
+    airflow_cli,
     airflow_db_fixture,
     load_dag,
     midnight,
     pipeline_env_fixture,
+    start_airflow_fixture,
     task_states,
 )
 from leaks import assert_absent, warehouse_text
@@ -50,7 +52,8 @@ def metadata_bytes() -> bytes:
 
 
 def task_log_text() -> str:
-    """Every file under AIRFLOW_HOME/logs (task logs, if Airflow wrote any)."""
+    """Every file under AIRFLOW_HOME/logs: the task logs of runs under the scheduler (dag.test
+    runs tasks in this process, whose log records caplog and capfd hold)."""
     logs = Path(os.environ["AIRFLOW_HOME"]) / "logs"
     files = [p for p in logs.rglob("*") if p.is_file()] if logs.exists() else []
     return "\n".join(p.read_text(errors="replace") for p in files)
@@ -116,3 +119,29 @@ def test_wrong_credentials_fail_the_run_at_once_without_retries_and_write_nothin
     texts = [caplog.text, captured.out, captured.err, task_log_text(), body]
     texts.append(warehouse_text(pipeline_env.warehouse))
     assert_absent([wrong, api.password], texts, [metadata_bytes()])
+
+
+def test_under_the_scheduler_the_task_logs_and_metadata_hold_no_token_or_password(
+    pipeline_env: PipelineEnv, login_api, start_airflow, monkeypatch: pytest.MonkeyPatch
+):
+    api = login_api(events_per_day=30)
+    connect_events_api(monkeypatch, api)
+    services = start_airflow()  # the task runs in its own process and logs to AIRFLOW_HOME/logs
+    services.wait_until_parsed()
+    services.unpause()
+    day = DAY.isoformat()
+    created = airflow_cli(
+        "backfill", "create", "--dag-id", "event_stats", "--from-date", day, "--to-date", day
+    )
+    assert created.returncode == 0, created.stdout + created.stderr
+
+    [run] = services.wait_for_finished_runs(1, 420, run_type="backfill")
+
+    assert str(run.state) == "success", services.log_tail()
+    assert pipeline_env.query("select count(*) from raw.events") == [(30,)]
+    assert api.requests("POST", "/login", 200) == 1 == len(api.tokens())
+    logs = task_log_text()
+    assert "Logged in to the events API as 'loader'" in logs  # the load task's log is here
+    services_logs = "\n".join(p.read_text(errors="replace") for p in services.logs.glob("*.log"))
+    texts = [logs, services_logs, warehouse_text(pipeline_env.warehouse)]
+    assert_absent([*api.tokens(), api.password], texts, [metadata_bytes()])
