@@ -59,6 +59,28 @@ def task_log_text() -> str:
     return "\n".join(p.read_text(errors="replace") for p in files)
 
 
+def test_the_events_api_connection_gives_the_url_and_credentials_or_defers_to_the_settings(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from event_pipeline.airflow_support import EventsApiAccess, events_api_access
+    from event_pipeline.sources import Credentials
+
+    monkeypatch.delenv("AIRFLOW_CONN_EVENTS_API", raising=False)
+    assert events_api_access() == EventsApiAccess(None, None)  # EVENTS_API_* settings apply
+
+    monkeypatch.setenv("AIRFLOW_CONN_EVENTS_API", "http://loader:s%40cret@127.0.0.1:5123")
+    access = events_api_access()
+    assert access == EventsApiAccess("http://127.0.0.1:5123", Credentials("loader", "s@cret"))
+    assert "s@cret" not in repr(access)
+
+    as_url = {"conn_type": "http", "host": "https://events.example.com/api", "login": "loader"}
+    monkeypatch.setenv("AIRFLOW_CONN_EVENTS_API", json.dumps({**as_url, "password": "p"}))
+    assert events_api_access().api_url == "https://events.example.com/api"
+    monkeypatch.setenv("AIRFLOW_CONN_EVENTS_API", json.dumps(as_url))
+    with pytest.raises(ValueError, match="set both login and password"):
+        events_api_access()
+
+
 def test_a_dag_run_logs_in_with_the_airflow_connection_and_the_token_stays_in_the_task(
     pipeline_env: PipelineEnv,
     login_api,
