@@ -24,17 +24,17 @@ def get_events(base: str, token: str | None = None) -> httpx.Response:
 
 
 def test_a_token_from_post_login_opens_get_events_until_it_expires(login_api):
-    api = login_api(token_ttl=1.5, events_per_day=10)
+    api = login_api(token_ttl=2.5, events_per_day=10)
 
     answer = log_in(api.url, api.user, api.password)
 
     assert answer.status_code == 200
     body = answer.json()
-    assert body["token_type"] == "bearer" and body["expires_in"] == 1.5
+    assert body["token_type"] == "bearer" and body["expires_in"] == 2.5
     assert answer.headers["cache-control"] == "no-store"
     served = get_events(api.url, body["access_token"])
     assert served.status_code == 200 and len(served.json()) == 10
-    time.sleep(1.6)
+    time.sleep(2.6)
     expired = get_events(api.url, body["access_token"])
     assert expired.status_code == 401
     assert 'error="invalid_token"' in expired.headers["www-authenticate"]

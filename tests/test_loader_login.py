@@ -54,9 +54,9 @@ def ledger_rows(path: Path) -> int:
 def test_a_token_that_expires_mid_range_is_renewed_once_per_expiry_and_the_range_loads(
     login_api, warehouse, caplog
 ):
-    # One request per day, each answered after 0.6 s: the third request comes after the 1 s
-    # token has expired, whatever the machine's speed.
-    api = login_api(token_ttl=1, delay=0.6, events_per_day=50)
+    # One request per day, each answered after 1.1 s: the third request comes after the 2 s
+    # token has expired, however fast the machine (and a renewed token has 2 s to be used).
+    api = login_api(token_ttl=2, delay=1.1, events_per_day=50)
 
     with caplog.at_level(logging.DEBUG):
         results = load_range(
