@@ -11,6 +11,10 @@ tests) >> send_stats
   before the trigger. A day that had not ended when the run was triggered is refused, never
   half-loaded. start_date is 1970-01-01 so that no date is silently skipped (Airflow creates no
   task for a logical date before it).
+- load_raw_events logs in to the events API and fetches the events in one task, because a
+  token fetched by a separate task could have expired, or belong to another run, by the time
+  the load used it (and would pass through XCom); the credentials come from the Airflow
+  connection settings.events_api_conn_id() (`events_api`) when it exists.
 - Every task is atomic and idempotent: the load replaces each date's partition in one
   transaction, dbt replaces the window's stats (vars start_date/end_date), and send_stats emails
   each date once per (date, recipient, content) through the ledger ops.email_log.
@@ -82,12 +86,11 @@ def _date_param(description: str) -> Param:
 def event_stats() -> None:
     @task
     def load_raw_events(dag_run=None, params=None) -> list[dict]:
-        """Replace raw.events' partitions of the window with the events API's answer."""
-        from event_pipeline import loader
+        """Log in to the events API (when it requires it) and replace raw.events' partitions of
+        the window with its answer: one unit, the token never leaves the task."""
+        from event_pipeline.airflow_support import load_events
 
-        window = run_window(dag_run, params)
-        results = loader.load_range(window.start, window.end, run_id=dag_run.run_id)
-        return [{"event_date": r.event_date.isoformat(), "rows": r.rows} for r in results]
+        return load_events(dag_run, params)
 
     dbt = DbtTaskGroup(
         group_id="dbt",

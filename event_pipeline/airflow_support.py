@@ -1,4 +1,5 @@
-"""Glue between Airflow and the package: setup on demand, the run's processed dates, SMTP lookup.
+"""Glue between Airflow and the package: setup on demand, the run's processed dates, SMTP and
+events API connection lookups.
 
 Airflow reads its configuration when it is first imported, so callers apply
 `settings.airflow_env()` to os.environ before calling anything here (`configure_environment`).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ from event_pipeline.run_window import run_window
 
 if TYPE_CHECKING:
     from event_pipeline.mail import SmtpSettings
+    from event_pipeline.sources import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,82 @@ def smtp_settings(conn_id: str | None = None) -> SmtpSettings | None:
         from_email=extra.get("from_email"),
         verify_tls=ssl_context != SSL_CONTEXT_NONE,
     )
+
+
+@dataclass(frozen=True)
+class EventsApiAccess:
+    """Where the load task fetches events and as whom; None: the environment's settings."""
+
+    api_url: str | None = None
+    credentials: Credentials | None = None
+
+
+def events_api_access(conn_id: str | None = None) -> EventsApiAccess:
+    """The events API's Airflow connection `conn_id` (type http), or the settings without one.
+
+    host (a URL, or a host name with the connection's schema, http by default, and port)
+    replaces $EVENTS_API_URL; login and password are the credentials of the API's POST /login.
+    Airflow masks the connection's password in task logs.
+    """
+    from airflow.exceptions import AirflowNotFoundException
+    from airflow.sdk import BaseHook
+
+    from event_pipeline.sources import Credentials
+
+    conn_id = conn_id or settings.events_api_conn_id()
+    try:
+        connection = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        log.info("No Airflow connection %s: the events API from EVENTS_API_* settings", conn_id)
+        return EventsApiAccess()
+    api_url = None
+    if connection.host:
+        api_url = connection.host
+        if "://" not in api_url:
+            api_url = f"{connection.schema or 'http'}://{api_url}"
+            if connection.port:
+                api_url += f":{connection.port}"
+    credentials = None
+    if connection.login or connection.password:
+        if not (connection.login and connection.password):
+            raise ValueError(
+                f"Airflow connection {conn_id}: set both login and password to log in to the "
+                "events API, or neither"
+            )
+        credentials = Credentials(connection.login, connection.password)
+    log.info(
+        "Events API from Airflow connection %s: %s, %s",
+        conn_id,
+        api_url or settings.events_api_url(),
+        f"login as {connection.login!r}" if credentials else "no login",
+    )
+    return EventsApiAccess(api_url, credentials)
+
+
+def load_events(dag_run: Any, params: Mapping[str, Any] | None = None) -> list[dict]:
+    """The load task: log in (when configured) and load the run's window; returns the XCom.
+
+    Refused credentials fail the task without retries (AirflowFailException): a retry would
+    only log in with the same credentials again. The XCom holds dates and row counts only.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from event_pipeline import loader
+    from event_pipeline.sources import LoginRefused
+
+    window = run_window(dag_run, params)
+    api = events_api_access()
+    try:
+        results = loader.load_range(
+            window.start,
+            window.end,
+            run_id=dag_run.run_id,
+            api_url=api.api_url,
+            credentials=api.credentials,
+        )
+    except LoginRefused as refused:
+        raise AirflowFailException(str(refused)) from None
+    return [{"event_date": r.event_date.isoformat(), "rows": r.rows} for r in results]
 
 
 def _flag(value: object) -> bool:

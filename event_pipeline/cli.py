@@ -28,9 +28,28 @@ def _serve_events(args: argparse.Namespace) -> int:
         fail_first=args.fail_first,
         delay=args.delay,
         truncate_after=args.truncate_after,
+        login=_server_login(args),
     )
     serve(config, host=args.host, port=args.port)
     return 0
+
+
+def _server_login(args: argparse.Namespace):  # noqa: ANN202 - LoginConfig | None, imported lazily
+    """--require-login: the user and password the API accepts, from its environment."""
+    from event_pipeline import settings
+    from event_pipeline.events.login import LoginConfig
+
+    if not args.require_login:
+        return None
+    user, password = settings.events_api_user(), settings.events_api_password()
+    if not user or not password:
+        raise SystemExit(
+            "serve-events --require-login: set EVENTS_API_USER and EVENTS_API_PASSWORD in the "
+            "server's environment (the credentials it accepts; never on the command line)"
+        )
+    if args.token_ttl <= 0:
+        raise SystemExit(f"serve-events: --token-ttl must be > 0 seconds, got {args.token_ttl:g}")
+    return LoginConfig(user=user, password=password, token_ttl=args.token_ttl)
 
 
 def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
@@ -267,6 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative(int),
         metavar="BYTES",
         help="fault: send only this many bytes of each /events body, then drop the connection",
+    )
+    serve.add_argument(
+        "--require-login",
+        action="store_true",
+        help="GET /events needs a bearer token from POST /login; the accepted user and password "
+        "come from $EVENTS_API_USER and $EVENTS_API_PASSWORD",
+    )
+    serve.add_argument(
+        "--token-ttl",
+        type=_non_negative(float),
+        default=300.0,
+        metavar="SECONDS",
+        help="with --require-login: how long a token stays valid (default: 300)",
     )
     serve.set_defaults(handler=_serve_events)
 

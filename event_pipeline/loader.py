@@ -14,6 +14,11 @@ A failure (source, validation, SIGKILL) leaves every date of a window either all
 the windows before it stay loaded. While window W is being written, the next one is already
 downloading (in a daemon thread).
 
+Login: when credentials are given (or set in $EVENTS_API_USER/$EVENTS_API_PASSWORD), the load logs
+in to the events API itself and fetches its windows with the token (sources.ApiLogin): the token
+is obtained, renewed after an expiry, and dropped inside this one call, so it never reaches a
+caller, a log line or raw.load_log. Wrong credentials fail the load before anything is written.
+
 Why one transaction per window rather than per date: the answer is one delivery, checked whole
 before anything is written, so its dates stand or fall together (a reader never sees half a
 window), and one commit instead of one per date is what lets a year load in seconds. The price:
@@ -116,6 +121,7 @@ class _Source:
 
     api_url: str
     warehouse_path: Path | None
+    login: sources.ApiLogin | None = None  # the load's token, when the API requires a login
 
     def url(self, window: _Window) -> str:
         return sources.window_url(self.api_url, window.start, window.end)
@@ -234,6 +240,7 @@ class _Prefetch:
         self._done = threading.Event()
         self._result: _Download | None = None
         self._error: BaseException | None = None
+        self._login = source.login
         threading.Thread(
             target=self._run,
             args=(source.url(window), directory, window),
@@ -253,6 +260,7 @@ class _Prefetch:
                 timeout=settings.events_api_timeout(),
                 backoff=settings.events_api_backoff(),
                 cancellation=self.cancellation,
+                login=self._login,
             )
             self._result = _Download(path, delivery.size, time.monotonic() - started)
         except BaseException as error:  # handed to the main thread by result()
@@ -458,6 +466,19 @@ def _interrupted_message(signum: int, source: _Source, dates: list[date], loaded
     )
 
 
+def _credentials_from_environment() -> sources.Credentials | None:
+    user, password = settings.events_api_user(), settings.events_api_password()
+    if user is None and password is None:
+        return None
+    if user is None or password is None:
+        missing = "EVENTS_API_PASSWORD" if user else "EVENTS_API_USER"
+        raise ValueError(
+            f"{missing} is not set, but its partner is: set both to log in to the events API, "
+            "or neither to load without a login"
+        )
+    return sources.Credentials(user, password)
+
+
 def load_range(
     start: date,
     end: date | None = None,
@@ -467,6 +488,7 @@ def load_range(
     run_id: str | None = None,
     progress: bool = False,
     days_per_request: int = sources.MAX_WINDOW_DAYS,
+    credentials: sources.Credentials | None = None,
 ) -> list[LoadResult]:
     """Load the events of every date in [start, end) (default: just `start`) into raw.events.
 
@@ -476,13 +498,20 @@ def load_range(
     complete), the failing window and later ones are untouched, and a rerun is safe. `progress`
     prints a line per date and one per request to stderr. SIGTERM or SIGINT raises
     LoadInterrupted, whose message names what was loaded and how to finish.
+    `credentials` (default: $EVENTS_API_USER and $EVENTS_API_PASSWORD, when set) make the load
+    log in to the events API first (module docstring); refused ones raise sources.LoginRefused.
     """
     end = end or start + timedelta(days=1)
     if end <= start:
         raise ValueError(f"end ({end}) must be after start ({start}); the range is [start, end)")
     if not 1 <= days_per_request <= sources.MAX_WINDOW_DAYS:
         raise ValueError(f"days_per_request must be 1 to {sources.MAX_WINDOW_DAYS}")
-    source = _Source(api_url or settings.events_api_url(), warehouse_path)
+    api_url = api_url or settings.events_api_url()
+    credentials = credentials or _credentials_from_environment()
+    login = None
+    if credentials is not None:
+        login = sources.ApiLogin(api_url, credentials, settings.events_api_timeout())
+    source = _Source(api_url, warehouse_path, login)
     run_id = run_id or f"manual-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     windows = _windows(start, end, days_per_request)
     results: list[LoadResult] = []

@@ -32,6 +32,25 @@ def events_api_url() -> str:
     return os.environ.get("EVENTS_API_URL", "http://127.0.0.1:5000").rstrip("/")
 
 
+def events_api_user() -> str | None:
+    """User the loader logs in as ($EVENTS_API_USER); unset: no login. `serve-events
+    --require-login` accepts this user. The DAG prefers its Airflow connection (events_api_conn_id).
+    """
+    return os.environ.get("EVENTS_API_USER") or None
+
+
+def events_api_password() -> str | None:
+    """Password of events_api_user ($EVENTS_API_PASSWORD); keep it out of the repository."""
+    return os.environ.get("EVENTS_API_PASSWORD") or None
+
+
+def events_api_conn_id() -> str:
+    """Airflow connection (type http: host, port, login, password) the DAG's load task uses for
+    the events API when it exists; otherwise EVENTS_API_URL, EVENTS_API_USER and
+    EVENTS_API_PASSWORD."""
+    return os.environ.get("EVENT_STATS_EVENTS_API_CONN_ID", "events_api")
+
+
 def events_api_attempts() -> int:
     """Attempts per events API request (connection errors, timeouts, 5xx) before failing."""
     return max(1, int(os.environ.get("EVENTS_API_ATTEMPTS", "5")))

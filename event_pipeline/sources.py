@@ -24,6 +24,12 @@ whole: a cut or malformed range answer replaces none of its days.
   properly framed and declared NDJSON (Content-Type application/x-ndjson); otherwise an empty
   window must come as `[]`.
 Completeness is checked on the file's tail: the body never enters Python memory whole.
+
+Login (when credentials are configured, see `ApiLogin`): the download first gets a bearer token
+from POST /login and sends it with GET /events. A 401 from /events (an expired token) leads to one
+new login and one retry of the request; a fresh token refused again, or credentials refused by
+/login (401/403), fail at once. The token stays inside the ApiLogin of one load: it is in no log
+line, no exception message and no return value.
 """
 
 from __future__ import annotations
@@ -32,13 +38,15 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import duckdb
 import httpx
+
+from event_pipeline import settings
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +69,108 @@ class EventSourceError(RuntimeError):
     """The events API failed, or sent something that is not a valid list of events."""
 
 
+class LoginRefused(EventSourceError):
+    """The events API refused the credentials (401/403 from POST /login): a retry cannot help."""
+
+
 class DownloadCancelled(Exception):
     """The download was cancelled from another thread (see `Cancellation`)."""
 
 
 class _Incomplete(Exception):
     """An answer that may succeed when asked again: 429/5xx, or a body cut short."""
+
+
+class _TokenRejected(Exception):
+    """GET /events answered 401: no token, or one that is unknown or expired."""
+
+    def __init__(self, challenge: str) -> None:
+        super().__init__(challenge)
+        self.challenge = challenge
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user and password for the events API's POST /login (the password is in no repr)."""
+
+    user: str
+    password: str = field(repr=False)
+
+
+def _hint() -> str:
+    return (
+        "Check the user and password: $EVENTS_API_USER and $EVENTS_API_PASSWORD for the command "
+        f"line, the Airflow connection {settings.events_api_conn_id()!r} for the DAG"
+    )
+
+
+class ApiLogin:
+    """The bearer token of one load: logs in on first use, and again when the API rejects it.
+
+    Thread-safe (downloads run in a prefetch thread). The token never leaves this object except
+    as the Authorization header of a request; its repr shows the URL and the user only.
+    """
+
+    def __init__(self, api_url: str, credentials: Credentials, timeout: float) -> None:
+        self.url = f"{api_url.rstrip('/')}/login"
+        self.user = credentials.user
+        self._credentials = credentials
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._token: str | None = None
+
+    def __repr__(self) -> str:
+        return f"ApiLogin(url={self.url!r}, user={self.user!r})"
+
+    def authorization(self) -> dict[str, str]:
+        """The Authorization header, logging in first when there is no token yet."""
+        with self._lock:
+            if self._token is None:
+                self._token = self._log_in()
+            return {"Authorization": f"Bearer {self._token}"}
+
+    def renew(self, rejected: dict[str, str]) -> dict[str, str]:
+        """Log in again after the API rejected the header `rejected`, unless another thread has
+        already replaced that token; returns the new header."""
+        with self._lock:
+            if self._token is None or rejected.get("Authorization") == f"Bearer {self._token}":
+                self._token = None
+                self._token = self._log_in()
+            return {"Authorization": f"Bearer {self._token}"}
+
+    def _log_in(self) -> str:
+        """POST the credentials; raises _Incomplete (retryable), LoginRefused or EventSourceError.
+
+        No exception raised here carries the request (whose body holds the password)."""
+        who = f"user {self.user!r} at {self.url}"
+        body = {"username": self._credentials.user, "password": self._credentials.password}
+        try:
+            response = httpx.post(self.url, json=body, timeout=self._timeout)
+        except httpx.TransportError as error:
+            raise _Incomplete(f"login of {who}: {type(error).__name__}: {error}") from None
+        status = response.status_code
+        if status in _RETRYABLE_STATUS:
+            raise _Incomplete(f"login of {who}: HTTP {status}")
+        if status in (401, 403):
+            raise LoginRefused(
+                f"The events API refused the login of {who} (HTTP {status}): wrong user or "
+                f"password. {_hint()}. Nothing was written."
+            )
+        token = None
+        if status == 200:
+            try:
+                answer = response.json()
+                token = answer.get("access_token") if isinstance(answer, dict) else None
+            except ValueError:
+                token = None
+        if not isinstance(token, str) or not token:
+            raise EventSourceError(
+                f"The login of {who} answered HTTP {status} without an access_token: is "
+                "EVENTS_API_URL the events API, and does it require a login (serve-events "
+                "--require-login)? Without a login, unset the credentials. Nothing was written."
+            )
+        log.info("Logged in to the events API as %r (%s)", self.user, self.url)
+        return token
 
 
 class Cancellation:
@@ -121,18 +225,21 @@ def download(
     timeout: float,
     backoff: float,
     cancellation: Cancellation | None = None,
+    login: ApiLogin | None = None,
 ) -> Delivery:
     """Stream `url` into `destination` and check that the answer is complete (module docstring).
 
     Connection errors, timeouts, 429/5xx and cut bodies are retried up to `attempts` times with
     exponential `backoff`; other refusals fail at once. `what` names the request in errors
     (e.g. "events of 2019-01-01"). `cancellation` lets another thread stop it (DownloadCancelled).
+    `login` sends its token (see the module docstring); without it, a 401 fails naming the
+    settings that configure a login.
     """
     cancellation = cancellation or Cancellation()
     failure = ""
     for attempt in range(1, attempts + 1):
         try:
-            return _download_once(url, destination, what, timeout, cancellation)
+            return _download_once(url, destination, what, timeout, cancellation, login)
         except _Incomplete as error:
             failure = str(error)
         except httpx.TransportError as error:  # connect/read errors, timeouts, cut framed bodies
@@ -156,9 +263,51 @@ def download(
 
 
 def _download_once(
-    url: str, destination: Path, what: str, timeout: float, cancellation: Cancellation
+    url: str,
+    destination: Path,
+    what: str,
+    timeout: float,
+    cancellation: Cancellation,
+    login: ApiLogin | None,
 ) -> Delivery:
-    with httpx.stream("GET", url, headers=REQUEST_HEADERS, timeout=timeout) as response:
+    """One attempt; with a login, a 401 leads to one new login and one more request."""
+    if login is None:
+        try:
+            return _get(url, destination, what, timeout, cancellation, {})
+        except _TokenRejected as rejected:
+            raise EventSourceError(
+                f"The events API requires a login for the {what} from {url} (HTTP 401, "
+                f"WWW-Authenticate: {rejected.challenge or 'missing'}). Set $EVENTS_API_USER and "
+                "$EVENTS_API_PASSWORD (command line) or the Airflow connection "
+                f"{settings.events_api_conn_id()!r} (the DAG). Nothing was written."
+            ) from None
+    authorization = login.authorization()
+    try:
+        return _get(url, destination, what, timeout, cancellation, authorization)
+    except _TokenRejected:
+        log.info("The events API rejected the token for the %s (expired): logging in again", what)
+    authorization = login.renew(authorization)
+    try:
+        return _get(url, destination, what, timeout, cancellation, authorization)
+    except _TokenRejected as rejected:
+        raise EventSourceError(
+            f"The events API rejected a fresh token of user {login.user!r} for the {what} from "
+            f"{url} (HTTP 401, {rejected.challenge or 'no WWW-Authenticate'}), right after "
+            f"{login.url} issued it. Is {login.url} the login of this events API? "
+            "Nothing was written."
+        ) from None
+
+
+def _get(
+    url: str,
+    destination: Path,
+    what: str,
+    timeout: float,
+    cancellation: Cancellation,
+    authorization: dict[str, str],
+) -> Delivery:
+    headers = {**REQUEST_HEADERS, **authorization}
+    with httpx.stream("GET", url, headers=headers, timeout=timeout) as response:
         _check_status(response, what, url)
         _check_encoding(response, what, url)
         size = _write_body(response, destination, cancellation)
@@ -173,6 +322,8 @@ def _check_status(response: httpx.Response, what: str, url: str) -> None:
         return
     if status in _RETRYABLE_STATUS:
         raise _Incomplete(f"HTTP {status}")
+    if status == 401:
+        raise _TokenRejected(response.headers.get("www-authenticate", ""))
     answered = f"The events API answered HTTP {status} {response.reason_phrase}".rstrip()
     if status in _REDIRECT_STATUS:
         location = response.headers.get("location", "")

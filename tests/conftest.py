@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
+import secrets
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,56 @@ def warehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "warehouse.duckdb"
     monkeypatch.setenv("WAREHOUSE_PATH", str(path))
     return path
+
+
+# --- the events API in login mode -----------------------------------------------------------------
+
+
+@dataclass
+class LoginApi:
+    """An events API started with --require-login, the credentials it accepts, its log, and the
+    tokens it issued (recorded by tests/token_recorder, a harness only tests load)."""
+
+    url: str
+    user: str
+    password: str
+    log_file: Path
+    token_file: Path
+
+    def requests(self, method: str, path: str, status: int | None = None) -> int:
+        """How many `method path` requests the server answered (with `status`), from its
+        access log: the server's own count, whatever the client believes it sent."""
+        answered = re.compile(rf'"{method} {re.escape(path)}(?:\?[^" ]*)? HTTP/1\.1" (\d+)')
+        codes = answered.findall(self.log_file.read_text(errors="replace"))
+        return sum(1 for code in codes if status is None or int(code) == status)
+
+    def tokens(self) -> list[str]:
+        """Every token the server has issued."""
+        if not self.token_file.exists():
+            return []
+        return self.token_file.read_text().split()
+
+
+@pytest.fixture
+def login_api(events_api: EventsApi, tmp_path: Path) -> Callable[..., LoginApi]:
+    """Start `serve-events --require-login` (a random password; tokens live `token_ttl` s):
+    `login_api(token_ttl=2, delay=0.5)`; other keyword arguments are options, as for events_api.
+    """
+
+    def start(token_ttl: float = 300, **options: object) -> LoginApi:
+        user, password = "loader", f"pw-{secrets.token_hex(12)}"
+        token_file = tmp_path / f"tokens-{secrets.token_hex(4)}.txt"
+        recorder = Path(__file__).parent / "token_recorder"
+        env = {
+            "EVENTS_API_USER": user,
+            "EVENTS_API_PASSWORD": password,
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(recorder), os.environ.get("PYTHONPATH")])
+            ),
+            "EVENT_STATS_TEST_TOKEN_LOG": str(token_file),
+        }
+        url = events_api(require_login=True, token_ttl=token_ttl, env=env, **options)
+        port = url.rsplit(":", 1)[1]
+        return LoginApi(url, user, password, tmp_path / f"events-api-{port}.log", token_file)
+
+    return start

@@ -3,6 +3,7 @@
 Bodies are streamed in chunks from a generator, so a day of a million events never sits in
 memory. Fault modes make a real server misbehave for the loader's tests: --fail-first answers 503,
 --delay answers slowly, --truncate-after sends part of the body and then drops the connection.
+Login mode (`login` in ServerConfig, events/login.py) requires a token from POST /login.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from starlette.types import Send
 
 from event_pipeline.events import records
 from event_pipeline.events.generator import generate_range
+from event_pipeline.events.login import LoginConfig, require_login
 from event_pipeline.events.replay import ReplayError, read_window
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class ServerConfig:
     fail_first: int = 0
     delay: float = 0.0
     truncate_after: int | None = None
+    login: LoginConfig | None = None  # login mode when set: GET /events needs a token
 
 
 class BadRequest(ValueError):
@@ -153,6 +156,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             return TruncatedStreamingResponse(body, config.truncate_after, media_type=media_type)
         return StreamingResponse(body, media_type=media_type)
 
+    if config.login is not None:
+        require_login(app, config.login)
     return app
 
 
