@@ -6,9 +6,9 @@ tests) >> send_stats
 - What a run processes (run_window.run_window, the one rule every task uses): the UTC dates
   [start_date, end_date) given as params (end_date default start_date + 1 day; the only way to
   process today's incomplete day); else the logical date's day for a scheduled run, a backfill,
-  or a manual run at 00:00 UTC (`airflow dags test event_stats D`); else the last complete UTC
-  day before the logical date (the UI's Trigger: now) or, without one (`airflow dags trigger`),
-  before the trigger. A day that had not ended when the run was triggered is refused, never
+  or a manual run at 00:00 UTC (`airflow dags test event_stats D`); else the UTC day of the
+  logical date once it has ended, or the last complete UTC day before it (the UI's Trigger:
+  now), or, without a logical date (`airflow dags trigger`), before the trigger. A day that had not ended when the run was triggered is refused, never
   half-loaded. start_date is 1970-01-01 so that no date is silently skipped (Airflow creates no
   task for a logical date before it).
 - load_raw_events logs in to the events API and fetches the events in one task, because a

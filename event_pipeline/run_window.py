@@ -144,8 +144,13 @@ def _from_run(facts: RunFacts) -> RunWindow:
         day = _utc(facts.logical_date).date()
         rule = "logical date"
     else:
-        day = _utc(facts.logical_date).date() - ONE_DAY
-        rule = "last complete day before the logical date"
+        # A moment (the UI's Trigger: now; a date picked in a browser's time zone): its UTC
+        # day once that day has ended, else the last complete day before it.
+        day = _utc(facts.logical_date).date()
+        rule = "UTC day of the logical date"
+        if datetime.combine(day + ONE_DAY, time(), UTC) > _utc(facts.run_after):
+            day -= ONE_DAY
+            rule = "last complete day before the logical date"
     _check_not_before_earliest(day, facts)
     day_end = datetime.combine(day + ONE_DAY, time(), UTC)
     if day_end > _utc(facts.run_after):

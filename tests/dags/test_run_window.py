@@ -67,6 +67,18 @@ def test_the_ui_trigger_default_logical_date_now_processes_the_last_complete_day
     )
 
 
+def test_a_past_moment_picked_in_a_browsers_time_zone_processes_its_utc_day():
+    # 2026-01-05 00:00 in New York is 05:00 UTC; in Berlin it is 2026-01-04 23:00 UTC.
+    new_york = datetime(2026, 1, 5, tzinfo=timezone(timedelta(hours=-5)))
+    berlin = datetime(2026, 1, 5, tzinfo=timezone(timedelta(hours=1)))
+    assert _window(_run(new_york)) == (
+        date(2026, 1, 5),
+        date(2026, 1, 6),
+        "UTC day of the logical date",
+    )
+    assert _window(_run(berlin))[:2] == (date(2026, 1, 4), date(2026, 1, 5))
+
+
 def test_a_logical_date_is_taken_in_utc():
     east = timezone(timedelta(hours=5))
     # 2026-01-06 05:00 +05:00 is 2026-01-06 00:00 UTC: a day, not a moment.
