@@ -60,3 +60,8 @@ def test_a_run_logs_the_report_and_fails_when_a_date_has_a_problem(
     assert str(problem.state) == "failed", task_states(problem)
     [check] = problem.get_task_instances()
     assert (str(check.state), check.try_number) == ("failed", 1)  # problems are not retried
+    # The failure is emailed (a day the scheduler never ran is noticed by someone).
+    [alert] = (pipeline.outbox / "alerts").glob("*.eml")
+    text = alert.read_text()
+    assert "event_stats_status" in text and "report_status" in text
+    assert str(DAY + timedelta(days=1)) in text
