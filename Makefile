@@ -6,7 +6,7 @@ PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 RUN := $(UV) run --locked
 
-.PHONY: env run test lint format ui bench crash clean
+.PHONY: env browser run test lint format ui bench crash pictures clean
 
 env:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 \
@@ -16,10 +16,19 @@ env:
 	@# the DuckLake extensions, from their PyPI packages into DuckDB's extension directory
 	$(RUN) python -c "from event_pipeline.warehouse import lake; lake.install_extensions()"
 
+# Headless Chromium (Debian's `chromium`) for the tests that render pages and for `make pictures`:
+# installed with apt-get when missing and this is root on Debian; otherwise those tests skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ -n "$$CHROMIUM" ] \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+			&& { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+				--no-install-recommends chromium >/dev/null; } } \
+		|| echo "chromium is not installed and could not be (needs apt-get as root): tests that render pages skip"
+
 run: env
 	$(RUN) event-stats run
 
-test: env lint
+test: env lint browser
 	$(RUN) pytest
 
 lint: env

@@ -82,3 +82,17 @@ def warehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "warehouse.duckdb"
     monkeypatch.setenv("WAREHOUSE_PATH", str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The headless Chromium that renders emails and pages; the test skips where there is none."""
+    from event_pipeline import screenshots
+
+    binary = screenshots.chromium()
+    if binary is None:
+        pytest.skip(
+            "Chromium is not installed (Debian package `chromium`; `make browser` installs it "
+            "as root with apt-get, or set CHROMIUM): nothing to render the page with"
+        )
+    return binary
