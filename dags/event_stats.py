@@ -22,9 +22,14 @@ tests) >> send_stats
 - The dbt task group is rendered from a manifest.json (dbt_config.dbt_manifest) that `dbt parse`
   remakes only when a file of dbt_project/ changed: importing this file runs no dbt otherwise,
   opens no warehouse and needs no Airflow metadata database.
+- The models, tests and lineage (raw.events -> analytics.event_stats -> the email) are in the
+  UI: [dbt docs: lineage of event_stats][lineage] (also Browse > dbt docs (event_stats); made by
+  the event_stats_docs DAG).
 - Every task opens the DuckDB file, which allows one writer: all tasks run in the 1-slot pool
   settings.WAREHOUSE_POOL (default_args), created by airflow_support.ensure_airflow, which
   `event-stats run` and `event-stats airflow ...` call first.
+
+[lineage]: /cosmos/event_stats/dbt_docs_index.html#!/model/model.event_stats.event_stats?g_v=1
 """
 
 from __future__ import annotations
