@@ -54,5 +54,10 @@ bench: env
 crash: env
 	$(RUN) python tests/crash_campaign.py $(CRASH_ARGS)
 
+# The README's images (docs/images/*.png): headless Chromium screenshots of the stats email, of
+# Airflow's grid after a backfill and of the dbt lineage, from the real services (about 5 minutes).
+pictures: env browser
+	$(RUN) python docs/pictures.py
+
 clean:
 	rm -rf .airflow data dbt_project/target dbt_project/logs dbt_project/dbt_packages logs
