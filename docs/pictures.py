@@ -9,7 +9,7 @@ data/ and .airflow/ are not touched), it
 3. writes docs/images/email.png (the last day's stats email from the outbox, its HTML part as a
    mail client shows it), docs/images/airflow-backfill-grid.png (the DAG's grid in Airflow's UI)
    and docs/images/dbt-lineage.png (the dbt docs' lineage of event_stats, served by Airflow);
-and stops every process it started, by PID. About five minutes on 2 cores.
+and stops every process it started, by PID. About five minutes on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from event_pipeline.events import process as events_process
 
 IMAGES = settings.REPO_ROOT / "docs" / "images"
 FIRST_DAY = date(2026, 1, 1)
-LEAD_DAYS = 7  # loaded and built directly: the chart's earlier days
-BACKFILL_DAYS = 7  # through Airflow: the grid
+LEAD_DAYS = 11  # loaded and built directly: the chart's earlier days
+BACKFILL_DAYS = 3  # through Airflow, 3 runs at once: the grid
 BIN = Path(sys.executable).parent
 
 
@@ -47,15 +47,15 @@ def main() -> None:
     if screenshots.chromium() is None:
         sys.exit("No Chromium: run `make browser` (as root) or set CHROMIUM, then retry.")
     started: list[subprocess.Popen] = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="event-stats-pictures-") as folder:
+    with tempfile.TemporaryDirectory(prefix="event-stats-pictures-") as folder:
+        try:
             run(Path(folder), started)
-    finally:
-        for process in reversed(started):
-            if process.args[0] == str(BIN / "airflow"):
-                _stop_group(process)
-            else:
-                events_process.stop(process)
+        finally:  # before the folder goes: the services write into it
+            for process in reversed(started):
+                if process.args[0] == str(BIN / "airflow"):
+                    _stop_group(process)
+                else:
+                    events_process.stop(process)
 
 
 def run(tmp: Path, started: list[subprocess.Popen]) -> None:
@@ -127,7 +127,7 @@ def run(tmp: Path, started: list[subprocess.Popen]) -> None:
             "max_active_runs": 3,
         },
     )
-    rest.wait(lambda: _finished(rest, "event_stats", BACKFILL_DAYS), "the backfill", 900)
+    rest.wait(lambda: _finished(rest, "event_stats", BACKFILL_DAYS), "the backfill", 2400)
     say("Generating the dbt docs (event_stats_docs) ...")
     run_id = rest.call("POST", "/dags/event_stats_docs/dagRuns", json={"logical_date": None})[
         "dag_run_id"
