@@ -55,7 +55,7 @@ crash: env
 	$(RUN) python tests/crash_campaign.py $(CRASH_ARGS)
 
 # The README's images (docs/images/*.png): headless Chromium screenshots of the stats email, of
-# Airflow's grid after a backfill and of the dbt lineage, from the real services (about 5 minutes).
+# Airflow's grid after a backfill and of the dbt lineage, from the real services (minutes: see README).
 pictures: env browser
 	$(RUN) python docs/pictures.py
 

@@ -9,7 +9,7 @@ data/ and .airflow/ are not touched), it
 3. writes docs/images/email.png (the last day's stats email from the outbox, its HTML part as a
    mail client shows it), docs/images/airflow-backfill-grid.png (the DAG's grid in Airflow's UI)
    and docs/images/dbt-lineage.png (the dbt docs' lineage of event_stats, served by Airflow);
-and stops every process it started, by PID. About five minutes on 2 idle cores.
+and stops every process it started, by PID.
 """
 
 from __future__ import annotations
