@@ -97,9 +97,11 @@ def email_html_as_mhtml(message: EmailMessage) -> bytes:
     return b"MIME-Version: 1.0\r\n" + related.as_bytes(policy=policy.SMTP)
 
 
-def screenshot_email(message: EmailMessage, target: Path, *, width: int = 900) -> Path:
+def screenshot_email(
+    message: EmailMessage, target: Path, *, width: int = 900, height: int = 1000
+) -> Path:
     """A screenshot of the email's HTML part, images included, as `target` (PNG)."""
     with tempfile.TemporaryDirectory(prefix="event-stats-email-") as folder:
         document = Path(folder) / "email.mhtml"
         document.write_bytes(email_html_as_mhtml(message))
-        return screenshot(document.as_uri(), target, width=width, height=1000)
+        return screenshot(document.as_uri(), target, width=width, height=height)
