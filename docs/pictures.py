@@ -142,7 +142,7 @@ def run(tmp: Path, started: list[subprocess.Popen]) -> None:
     if len(outbox) != 1:
         raise RuntimeError(f"Expected one email of {last_day} in the outbox, found {outbox}")
     message = email.message_from_bytes(outbox[0].read_bytes(), policy=email.policy.default)
-    _checked(screenshots.screenshot_email(message, IMAGES / "email.png", width=860))
+    _checked(screenshots.screenshot_email(message, IMAGES / "email.png", width=860, height=1200))
     _checked(
         screenshots.screenshot(
             f"{airflow_url}/dags/event_stats",
