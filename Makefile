@@ -6,7 +6,7 @@ PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 RUN := $(UV) run --locked
 
-.PHONY: env run test lint format ui bench crash clean
+.PHONY: env browser run test lint format ui bench crash pictures clean
 
 env:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 \
@@ -18,10 +18,19 @@ env:
 	@# the dbt manifest the DAG renders from, so that no DAG parse has to run `dbt parse`
 	$(RUN) python -c "from event_pipeline import dbt_config; dbt_config.dbt_manifest()"
 
+# Headless Chromium (Debian's `chromium`) for the tests that render pages and for `make pictures`:
+# installed with apt-get when missing and this is root on Debian; otherwise those tests skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ -n "$$CHROMIUM" ] \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+			&& { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+				--no-install-recommends chromium >/dev/null; } } \
+		|| echo "chromium is not installed and could not be (needs apt-get as root): tests that render pages skip"
+
 run: env
 	$(RUN) event-stats run
 
-test: env lint
+test: env lint browser
 	$(RUN) pytest
 
 lint: env
@@ -46,6 +55,11 @@ bench: env
 # make crash CRASH_ARGS="--steps loader --trials 5 --seed 42"
 crash: env
 	$(RUN) python tests/crash_campaign.py $(CRASH_ARGS)
+
+# The README's images (docs/images/*.png): headless Chromium screenshots of the stats email, of
+# Airflow's grid after a backfill and of the dbt lineage, from the real services (minutes: see README).
+pictures: env browser
+	$(RUN) python docs/pictures.py
 
 clean:
 	rm -rf .airflow data dbt_project/target dbt_project/logs dbt_project/dbt_packages logs

@@ -8,9 +8,10 @@ tests) >> send_stats
   process today's incomplete day); else the logical date's day for a scheduled run, a backfill,
   or a manual run at 00:00 UTC (`airflow dags test event_stats D`); else the UTC day of the
   logical date once it has ended, or the last complete UTC day before it (the UI's Trigger:
-  now), or, without a logical date (`airflow dags trigger`), before the trigger. A day that had not ended when the run was triggered is refused, never
-  half-loaded. start_date is 1970-01-01 so that no date is silently skipped (Airflow creates no
-  task for a logical date before it).
+  now), or, without a logical date (`airflow dags trigger`), before the trigger. A day that
+  had not ended when the run was triggered is refused, never half-loaded. start_date is
+  1970-01-01 so that no date is silently skipped (Airflow creates no task for a logical date
+  before it).
 - load_raw_events logs in to the events API and fetches the events in one task, because a
   token fetched by a separate task could have expired, or belong to another run, by the time
   the load used it (and would pass through XCom); the credentials come from the Airflow
@@ -26,9 +27,14 @@ tests) >> send_stats
 - The dbt task group is rendered from a manifest.json (dbt_config.dbt_manifest) that `dbt parse`
   remakes only when a file of dbt_project/ changed: importing this file runs no dbt otherwise,
   opens no warehouse and needs no Airflow metadata database.
+- The models, tests and lineage (raw.events -> analytics.event_stats -> the email) are in the
+  UI: [dbt docs: lineage of event_stats][lineage] (also Browse > dbt docs (event_stats); made by
+  the event_stats_docs DAG).
 - Every task opens the DuckDB file, which allows one writer: all tasks run in the 1-slot pool
   settings.WAREHOUSE_POOL (default_args), created by airflow_support.ensure_airflow, which
   `event-stats run` and `event-stats airflow ...` call first.
+
+[lineage]: /cosmos/event_stats/dbt_docs_index.html#!/model/model.event_stats.event_stats?g_v=1
 """
 
 from __future__ import annotations

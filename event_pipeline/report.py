@@ -16,6 +16,13 @@ A rerun that finds a 'sending' row for the same content resumes it with the same
 the outbox backend the row's outbox file tells whether it was written (then nothing is sent);
 over SMTP the outcome cannot be known, so it resends with the same Message-ID and says so.
 
+The email holds the day's totals and top users, and a chart (event_pipeline.chart, an inline PNG)
+of the totals of the day and the 13 days before it; the text part lists the same figures. The
+content hash covers the day's stats only: the earlier days of the chart are as they stood when the
+email went out, and a change to one of them sends that day's update, not one of every later day.
+The chart is the same bytes for the same figures, so a resend with the same Message-ID is the same
+message.
+
 Backends (event_pipeline.mail): by default each email is written as an .eml file to the outbox
 directory; with SMTP settings (from Airflow's SMTP connection, see airflow_support.smtp_settings)
 it goes by SMTP. This module knows nothing about Airflow.
@@ -23,6 +30,7 @@ it goes by SMTP. This module knows nothing about Airflow.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import logging
 from dataclasses import dataclass, field, replace
@@ -33,11 +41,11 @@ from pathlib import Path
 
 import duckdb
 
-from event_pipeline import mail, settings, warehouse
+from event_pipeline import chart, mail, settings, warehouse
 from event_pipeline.mail import Recipient, SmtpSettings
 from event_pipeline.warehouse import email_log, stats
 from event_pipeline.warehouse.email_log import SENDING, SENT, EmailLogEntry
-from event_pipeline.warehouse.stats import DayStats
+from event_pipeline.warehouse.stats import DailyTotal, DayStats
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +105,16 @@ def compose_email(
     recipient: str,
     message_id: str,
     replaces: list[str] | None = None,
+    history: tuple[DailyTotal, ...] = (),
     top: int = TOP_USERS,
 ) -> EmailMessage:
-    """Build the email (plain text and HTML). `replaces`: earlier Message-IDs, oldest first."""
+    """Build the email: plain text, and HTML with the chart as an inline PNG.
+
+    `replaces`: earlier Message-IDs, oldest first. `history`: the daily totals the chart and the
+    text show (the date and the days before it). MIME structure: multipart/alternative of
+    text/plain (complete on its own) and multipart/related (text/html, image/png referenced by
+    its Content-ID, which is derived from the Message-ID: the same message, the same bytes).
+    """
     replaces = replaces or []
     day = stats.event_date.isoformat()
     subject = f"Event stats for {day}: {stats.total_events:,} events from {stats.users:,} users"
@@ -122,16 +137,42 @@ def compose_email(
         message["In-Reply-To"] = replaces[-1]
         message["References"] = " ".join(replaces)
     top_rows = stats.counts[:top]
-    message.set_content(_text_body(stats, top_rows, notice))
-    message.add_alternative(_html_body(stats, top_rows, notice), subtype="html")
+    chart_id = f"<chart.{message_id.strip().strip('<>')}>"
+    message.set_content(_text_body(stats, top_rows, notice, history))
+    message.add_alternative(_html_body(stats, top_rows, notice, chart_id), subtype="html")
+    html_part = message.get_payload()[1]
+    html_part.add_related(
+        chart.day_chart_png(stats, history, top=top),
+        maintype="image",
+        subtype="png",
+        cid=chart_id,
+        disposition="inline",
+        filename=f"event-stats-{day}.png",
+    )
+    # Boundaries from the content, not random: the same message is the same bytes (but Date).
+    token = hashlib.sha256(f"{message_id}\n{stats.content_hash()}".encode()).hexdigest()[:24]
+    message.set_boundary(f"event-stats-alternative-{token}")
+    html_part.set_boundary(f"event-stats-related-{token}")
     return message
 
 
-def _text_body(stats: DayStats, top_rows: tuple[tuple[str, int], ...], notice: str) -> str:
+def _text_body(
+    stats: DayStats,
+    top_rows: tuple[tuple[str, int], ...],
+    notice: str,
+    history: tuple[DailyTotal, ...],
+) -> str:
     lines = [f"Event stats for {stats.event_date} (UTC)", ""]
     if notice:
         lines += [notice, ""]
     lines += [f"Total events: {stats.total_events:,}", f"Users:        {stats.users:,}", ""]
+    if history:  # what the chart shows, for clients without HTML
+        lines.append(f"Events per day, last {len(history)} days:")
+        for total in history:
+            events = f"{total.events:>8,}" if total.built else f"{'not built':>9}"
+            marker = "  <- this email" if total.event_date == stats.event_date else ""
+            lines.append(f"  {total.event_date}  {total.event_date:%a}  {events}{marker}")
+        lines.append("")
     if top_rows:
         width = max(len("user"), *(len(user) for user, _ in top_rows))
         lines.append(f"Top {len(top_rows)} users:")
@@ -147,13 +188,20 @@ def _text_body(stats: DayStats, top_rows: tuple[tuple[str, int], ...], notice: s
     return "\n".join(lines) + "\n"
 
 
-def _html_body(stats: DayStats, top_rows: tuple[tuple[str, int], ...], notice: str) -> str:
+def _html_body(
+    stats: DayStats, top_rows: tuple[tuple[str, int], ...], notice: str, chart_id: str
+) -> str:
     esc = html.escape
     parts = [f"<h2>Event stats for {esc(stats.event_date.isoformat())} (UTC)</h2>"]
     if notice:
         parts.append(f"<p><strong>{esc(notice)}</strong></p>")
     parts.append(
         f"<p>Total events: <b>{stats.total_events:,}</b><br>Users: <b>{stats.users:,}</b></p>"
+    )
+    alt = f"Events per day up to {stats.event_date}, and the top users of the day"
+    parts.append(
+        f"<p><img src='cid:{esc(chart_id.strip('<>'))}' alt='{esc(alt)}' "
+        f"width='{chart.WIDTH_PX}' height='{chart.HEIGHT_PX}'></p>"
     )
     if top_rows:
         cells = "".join(
@@ -194,6 +242,12 @@ def read_built_stats(connection: duckdb.DuckDBPyConnection, event_date: date) ->
             "table was changed outside dbt. No email was sent; rebuild the date with dbt."
         )
     return day
+
+
+def read_history(connection: duckdb.DuckDBPyConnection, event_date: date) -> tuple[DailyTotal, ...]:
+    """The daily totals of the chart: `event_date` and the days before it."""
+    start = event_date - timedelta(days=chart.HISTORY_DAYS - 1)
+    return stats.daily_totals(connection, start, event_date + timedelta(days=1))
 
 
 def _ledger_key(recipient: str) -> str:
@@ -309,6 +363,7 @@ def _send_one(
     plan: _Plan,
     day: DayStats,
     *,
+    history: tuple[DailyTotal, ...],
     sender: str,
     smtp: SmtpSettings | None,
     outbox_dir: Path,
@@ -334,6 +389,7 @@ def _send_one(
             recipient=plan.recipient.formatted(),
             message_id=entry.message_id,
             replaces=plan.replaces,
+            history=history,
         )
     except Exception as error:  # nothing left this process: certainly not sent
         failure = mail.MailDeliveryError(
@@ -393,6 +449,7 @@ def send_stats(
     failures: list[str] = []
     with warehouse.connect(warehouse_path) as connection:
         day = read_built_stats(connection, event_date)  # before any write: a refusal writes nothing
+        history = read_history(connection, event_date)
         email_log.ensure_email_log(connection)
         plans = _plans(connection, day, targets, domain=domain, backend=backend)
         email_log.record_intents(
@@ -404,7 +461,13 @@ def send_stats(
             try:
                 results.append(
                     _send_one(
-                        connection, plan, day, sender=sender, smtp=smtp, outbox_dir=outbox_dir
+                        connection,
+                        plan,
+                        day,
+                        history=history,
+                        sender=sender,
+                        smtp=smtp,
+                        outbox_dir=outbox_dir,
                     )
                 )
             except mail.MailDeliveryError as error:

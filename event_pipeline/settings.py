@@ -5,6 +5,7 @@ Paths default to locations inside the repository, so a clone runs with no config
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from datetime import timedelta
@@ -124,6 +125,23 @@ def dbt_profiles_dir() -> Path:
     return _path("DBT_PROFILES_DIR", REPO_ROOT)
 
 
+def dbt_docs_dir() -> Path:
+    """Where the generated dbt docs are (index.html, manifest.json, catalog.json), which Airflow's
+    UI serves through Cosmos' plugin (airflow_env)."""
+    return _path("DBT_DOCS_DIR", REPO_ROOT / "data" / "dbt-docs")
+
+
+def cosmos_docs_projects(docs_dir: Path | None = None) -> str:
+    """Cosmos' `[cosmos] dbt_docs_projects`: the dbt docs at `docs_dir` (default dbt_docs_dir())
+    served at /cosmos/event_stats/dbt_docs_index.html, listed in the UI's Browse menu."""
+    docs = {"dir": str(docs_dir or dbt_docs_dir()), "name": "dbt docs (event_stats)"}
+    return json.dumps({DBT_DOCS_SLUG: docs})
+
+
+# The path segment of the dbt docs in Airflow's UI: /cosmos/<slug>/dbt_docs_index.html
+DBT_DOCS_SLUG = "event_stats"
+
+
 def warehouse_lock_timeout() -> float:
     """Seconds to wait for another process's DuckDB write lock before failing."""
     return float(os.environ.get("WAREHOUSE_LOCK_TIMEOUT", "300"))
@@ -153,6 +171,7 @@ def airflow_env() -> dict[str, str]:
         "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "4",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
+        "AIRFLOW__COSMOS__DBT_DOCS_PROJECTS": cosmos_docs_projects(),
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         # A parse that must remake the dbt manifest (a dbt file changed since `make env`) runs
         # `dbt parse`; on a busy 2-core machine that can exceed Airflow's 30 s.

@@ -138,3 +138,17 @@ def login_api(events_api: EventsApi, tmp_path: Path) -> Callable[..., LoginApi]:
         return LoginApi(url, user, password, tmp_path / f"events-api-{port}.log", token_file)
 
     return start
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The headless Chromium that renders emails and pages; the test skips where there is none."""
+    from event_pipeline import screenshots
+
+    binary = screenshots.chromium()
+    if binary is None:
+        pytest.skip(
+            "Chromium is not installed (Debian package `chromium`; `make browser` installs it "
+            "as root with apt-get, or set CHROMIUM): nothing to render the page with"
+        )
+    return binary

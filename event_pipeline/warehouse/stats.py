@@ -93,3 +93,50 @@ def read_day_stats(connection: duckdb.DuckDBPyConnection, event_date: date) -> D
         [event_date],
     ).fetchall()
     return DayStats(event_date, tuple((str(user), int(count)) for user, count in rows))
+
+
+@dataclass(frozen=True)
+class DailyTotal:
+    """One date's totals in analytics.event_stats; `built` False: no ops.build_log row (never
+    built, so its zero totals mean "unknown", not "no events")."""
+
+    event_date: date
+    events: int
+    users: int
+    built: bool
+
+
+def daily_totals(
+    connection: duckdb.DuckDBPyConnection, start: date, end: date
+) -> tuple[DailyTotal, ...]:
+    """Every date of [start, end) with its total events and users, oldest first."""
+    if not _table_exists(connection, "analytics", "event_stats"):
+        return ()
+    has_build_log = _table_exists(connection, "ops", "build_log")
+    built = (
+        "exists (select 1 from ops.build_log as b where b.event_date = days.event_date)"
+        if has_build_log
+        else "false"
+    )
+    rows = connection.execute(
+        f"""
+        with days as (
+            select cast(range as date) as event_date
+            from range(cast(? as date), cast(? as date), interval 1 day)
+        ),
+        totals as (
+            select event_date, sum(event_count) as events, count(*) as users
+            from analytics.event_stats
+            where event_date >= ? and event_date < ?
+            group by event_date
+        )
+        select days.event_date, coalesce(totals.events, 0), coalesce(totals.users, 0), {built}
+        from days
+        left join totals on totals.event_date = days.event_date
+        order by days.event_date
+        """,  # `built` is one of the two fixed expressions above
+        [start, end, start, end],
+    ).fetchall()
+    return tuple(
+        DailyTotal(day, int(events), int(users), bool(b)) for day, events, users, b in rows
+    )
