@@ -7,11 +7,14 @@ Airflow itself is imported lazily, inside the functions.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import date, timedelta
+from importlib.metadata import version
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from event_pipeline import settings
@@ -21,6 +24,9 @@ if TYPE_CHECKING:
     from event_pipeline.mail import SmtpSettings
 
 log = logging.getLogger(__name__)
+
+# In AIRFLOW_HOME: the schema revision ensure_airflow left (is_set_up compares the database's).
+SETUP_STAMP = "event-stats-setup.json"
 
 
 def configure_environment() -> None:
@@ -32,8 +38,11 @@ def ensure_airflow() -> None:
     """Create or upgrade the metadata database and create the warehouse pool. Idempotent.
 
     The pool matters: a task in a pool that does not exist is held by the scheduler forever.
+    When the database is already set up (is_set_up: two queries) it imports no Airflow.
     """
     configure_environment()
+    if is_set_up():
+        return
     from airflow.models.pool import Pool
     from airflow.utils import db
 
@@ -48,6 +57,75 @@ def ensure_airflow() -> None:
             include_deferred=False,
         )
         log.info("Created Airflow pool %s with 1 slot", settings.WAREHOUSE_POOL)
+    stamp = {"airflow": version("apache-airflow"), "database": _database_url()}
+    _setup_stamp().write_text(json.dumps({**stamp, "revision": _database_state()[0]}))
+
+
+def _setup_stamp() -> Path:
+    """Where ensure_airflow notes the schema revision the installed Airflow migrated to."""
+    return settings.airflow_home() / SETUP_STAMP
+
+
+def _database_url() -> str:
+    return os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]  # set by configure_environment
+
+
+def is_set_up() -> bool:
+    """Whether the metadata database holds the schema revision ensure_airflow migrated it to for
+    the installed Airflow version, and the warehouse pool with 1 slot (read with SQLAlchemy, no
+    Airflow import). False whenever in doubt: then ensure_airflow does the full setup."""
+    try:
+        stamp = json.loads(_setup_stamp().read_text())
+    except (OSError, ValueError):
+        return False
+    if (
+        stamp.get("airflow") != version("apache-airflow")
+        or stamp.get("database") != _database_url()
+    ):
+        return False
+    revision, slots = _database_state()
+    return revision is not None and revision == stamp.get("revision") and slots == 1
+
+
+def _database_state() -> tuple[str | None, int | None]:
+    """(alembic revision, slots of the warehouse pool) of the metadata database; None: absent.
+
+    SQLite (the embedded default) is read with the standard library's sqlite3, which imports in
+    milliseconds; other databases with SQLAlchemy.
+    """
+    url = _database_url()
+    queries = (
+        ("select version_num from alembic_version", {}),
+        ("select slots from slot_pool where pool = :pool", {"pool": settings.WAREHOUSE_POOL}),
+    )
+    if url.startswith("sqlite:///"):
+        import sqlite3
+
+        path = Path(url.removeprefix("sqlite:///").split("?")[0])
+        if not path.exists():
+            return None, None
+        try:
+            with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as connection:
+                revision, slots = (
+                    (connection.execute(sql, values).fetchone() or (None,))[0]
+                    for sql, values in queries
+                )
+        except sqlite3.Error:
+            return None, None
+        return revision, slots
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            revision, slots = (
+                connection.execute(sqlalchemy.text(sql), values).scalar() for sql, values in queries
+            )
+    except sqlalchemy.exc.SQLAlchemyError:
+        return None, None
+    finally:
+        engine.dispose()
+    return revision, slots
 
 
 def run_day(dag_run: Any, offset: int = 0, params: Mapping[str, Any] | None = None) -> str:
