@@ -280,9 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="event-stats-runs-") as directory:
         tmp = Path(directory)
-        # A fresh Airflow home: the benchmark's runs never mix with the user's.
-        env = {**os.environ, "AIRFLOW_HOME": str(tmp / "airflow-home")}
-        env.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", None)
+        # A fresh Airflow home (its own SQLite database): the runs never mix with the user's.
+        os.environ["AIRFLOW_HOME"] = str(tmp / "airflow-home")
+        os.environ.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", None)
+        env = dict(os.environ)
         figures = []
         for measure in (
             lambda: bench_wrapper(tmp, env, args.repeat),
