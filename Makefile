@@ -46,9 +46,10 @@ format: env
 ui: env
 	$(RUN) event-stats airflow standalone
 
-# Speed and memory goals as ratios (about 1.5 min; not part of `make test`).
+# Speed and memory goals as ratios, written to docs/PERFORMANCE.md (whole commands side by side,
+# then benchmarks/bench.py's pieces; not part of `make test`, which runs a --quick smoke).
 bench: env
-	$(RUN) python benchmarks/bench.py
+	$(RUN) python benchmarks/runs.py
 
 # SIGKILL every step at random moments and check what it leaves; writes the figures into
 # docs/RELIABILITY.md (11 to 25 minutes on 2 cores; `make test` runs a quick version). Options, e.g.

@@ -114,15 +114,12 @@ def event_stats() -> None:
         from event_pipeline import report
         from event_pipeline.airflow_support import smtp_settings
 
-        smtp = smtp_settings()
-        sent = []
-        for day in run_window(dag_run, params).days():
-            results = report.send_stats(day, smtp=smtp)
-            sent += [
-                {"date": day.isoformat(), "recipient": r.recipient, "status": r.status}
-                for r in results
-            ]
-        return sent
+        days = run_window(dag_run, params).days()
+        results = report.send_stats_dates(days, smtp=smtp_settings())
+        return [
+            {"date": r.event_date.isoformat(), "recipient": r.recipient, "status": r.status}
+            for r in results
+        ]
 
     load_raw_events() >> dbt >> send_stats()
 

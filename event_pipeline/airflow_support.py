@@ -8,11 +8,15 @@ Airflow itself is imported lazily, inside the functions.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import date, timedelta
+from importlib.metadata import version
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from event_pipeline import settings
@@ -24,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# In AIRFLOW_HOME: the schema revision ensure_airflow left (is_set_up compares the database's).
+SETUP_STAMP = "event-stats-setup.json"
+
 
 def configure_environment() -> None:
     """Apply the embedded Airflow configuration (values already in the environment win)."""
@@ -34,8 +41,11 @@ def ensure_airflow() -> None:
     """Create or upgrade the metadata database and create the warehouse pool. Idempotent.
 
     The pool matters: a task in a pool that does not exist is held by the scheduler forever.
+    When the database is already set up (is_set_up: two queries) it imports no Airflow.
     """
     configure_environment()
+    if is_set_up():
+        return
     from airflow.models.pool import Pool
     from airflow.utils import db
 
@@ -50,6 +60,75 @@ def ensure_airflow() -> None:
             include_deferred=False,
         )
         log.info("Created Airflow pool %s with 1 slot", settings.WAREHOUSE_POOL)
+    stamp = {"airflow": version("apache-airflow"), "database": _database_url()}
+    _setup_stamp().write_text(json.dumps({**stamp, "revision": _database_state()[0]}))
+
+
+def _setup_stamp() -> Path:
+    """Where ensure_airflow notes the schema revision the installed Airflow migrated to."""
+    return settings.airflow_home() / SETUP_STAMP
+
+
+def _database_url() -> str:
+    return os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]  # set by configure_environment
+
+
+def is_set_up() -> bool:
+    """Whether the metadata database holds the schema revision ensure_airflow migrated it to for
+    the installed Airflow version, and the warehouse pool with 1 slot (read with SQLAlchemy, no
+    Airflow import). False whenever in doubt: then ensure_airflow does the full setup."""
+    try:
+        stamp = json.loads(_setup_stamp().read_text())
+    except (OSError, ValueError):
+        return False
+    if (
+        stamp.get("airflow") != version("apache-airflow")
+        or stamp.get("database") != _database_url()
+    ):
+        return False
+    revision, slots = _database_state()
+    return revision is not None and revision == stamp.get("revision") and slots == 1
+
+
+def _database_state() -> tuple[str | None, int | None]:
+    """(alembic revision, slots of the warehouse pool) of the metadata database; None: absent.
+
+    SQLite (the embedded default) is read with the standard library's sqlite3, which imports in
+    milliseconds; other databases with SQLAlchemy.
+    """
+    url = _database_url()
+    queries = (
+        ("select version_num from alembic_version", {}),
+        ("select slots from slot_pool where pool = :pool", {"pool": settings.WAREHOUSE_POOL}),
+    )
+    if url.startswith("sqlite:///"):
+        import sqlite3
+
+        path = Path(url.removeprefix("sqlite:///").split("?")[0])
+        if not path.exists():
+            return None, None
+        try:
+            with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as connection:
+                revision, slots = (
+                    (connection.execute(sql, values).fetchone() or (None,))[0]
+                    for sql, values in queries
+                )
+        except sqlite3.Error:
+            return None, None
+        return revision, slots
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            revision, slots = (
+                connection.execute(sqlalchemy.text(sql), values).scalar() for sql, values in queries
+            )
+    except sqlalchemy.exc.SQLAlchemyError:
+        return None, None
+    finally:
+        engine.dispose()
+    return revision, slots
 
 
 def run_day(dag_run: Any, offset: int = 0, params: Mapping[str, Any] | None = None) -> str:
@@ -82,6 +161,43 @@ def let_dag_test_finish_with_deadlines(dag: Any) -> Any:
 
     dag.test = test_without_deadlines
     return dag
+
+
+@contextmanager
+def named_test_runs(run_id: Callable[[], str], note: str, user: str) -> Iterator[None]:
+    """Make the runs `dag.test()` creates meanwhile look like what they are in Airflow's UI.
+
+    Airflow 3.3.2's dag.test() records a run started at its logical date (a run of a past day
+    lasts hundreds of days in the UI), triggered by "test", by user "dag_test", with a run id
+    saying only "manual". While this is in force the run is created by the same helper
+    (airflow.models.dagrun.get_or_create_dagrun, which dag.test() looks up on each call) with
+    its real start time, the run id `run_id()`, triggered by the command line, by `user`, and
+    `note` as its note. Its end (set when it finishes) was real already.
+    """
+    from airflow.models import dagrun
+    from airflow.sdk import timezone
+    from airflow.utils.types import DagRunTriggeredByType
+
+    original = dagrun.get_or_create_dagrun
+
+    def create(**kwargs: Any) -> Any:
+        kwargs.update(
+            run_id=run_id(),
+            start_date=timezone.utcnow(),
+            triggered_by=DagRunTriggeredByType.CLI,
+            triggering_user_name=user,
+        )
+        session = kwargs["session"]
+        created = original(**kwargs)
+        created.note = note
+        session.commit()
+        return created
+
+    dagrun.get_or_create_dagrun = create
+    try:
+        yield
+    finally:
+        dagrun.get_or_create_dagrun = original
 
 
 def smtp_settings(conn_id: str | None = None) -> SmtpSettings | None:

@@ -115,6 +115,15 @@ def _run(args: argparse.Namespace) -> int:
     return pipeline.run(args.start, args.end, port=args.port)
 
 
+def _backfill(args: argparse.Namespace) -> int:
+    from event_pipeline import pipeline
+
+    try:
+        return pipeline.backfill(args.start, args.end, port=args.port)
+    except ValueError as error:
+        raise SystemExit(f"backfill: {error}") from error
+
+
 def _send_stats(args: argparse.Namespace) -> int:
     from event_pipeline import airflow_support, report
     from event_pipeline.mail import InvalidAddressError
@@ -324,6 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, help="port of the events API it starts (default: 5000 if free)"
     )
     run.set_defaults(handler=_run)
+
+    backfill = commands.add_parser(
+        "backfill",
+        help="[start, end) as ONE event_stats DAG run through Airflow (params start_date/end_date)",
+    )
+    backfill.add_argument("--start", type=_iso_date, required=True, help="first date, YYYY-MM-DD")
+    backfill.add_argument("--end", type=_iso_date, required=True, help="YYYY-MM-DD, exclusive")
+    backfill.add_argument(
+        "--port", type=int, help="port of the events API it starts (default: 5000 if free)"
+    )
+    backfill.set_defaults(handler=_backfill)
 
     send = commands.add_parser(
         "send-stats", help="email one date's stats (once per recipient and content)"

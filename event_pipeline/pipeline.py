@@ -244,11 +244,105 @@ def run_dates(
         logical_date = datetime(day.year, day.month, day.day, tzinfo=UTC)
         started = time.monotonic()
         print(f"  {day}: running the event_stats DAG ...", end="", file=console, flush=True)
-        dag_run = dag.test(logical_date=logical_date)
+        named = airflow_support.named_test_runs(
+            run_id=lambda day=day: f"event-stats-run_{day}__{_stamp()}",
+            note=f"`event-stats run` of {day}",
+            user="event-stats run",
+        )
+        with named:
+            dag_run = dag.test(logical_date=logical_date)
         if interrupts:
             interrupts.check()  # a signal Airflow's handler took after the last task's hooks
         states[day] = str(getattr(dag_run.state, "value", dag_run.state))
         print(f" {states[day]} ({time.monotonic() - started:.0f} s)", file=console, flush=True)
+
+
+def run_range(
+    days: list[date],
+    states: dict[date, str],
+    interrupts: RunInterrupts | None = None,
+    console: TextIO = sys.stdout,
+) -> None:
+    """Run the event_stats DAG once for all `days` (consecutive): params start_date/end_date.
+
+    One load of the range, one dbt build over it, one email per date. The run's logical date is
+    the moment it starts (like the UI's Trigger button), so it replaces no per-date run of
+    `event-stats run` and shows where it ran in the grid. Prints a line per task as it ends;
+    fills `states` with the run's state for every date.
+    """
+    dag = _load_dag()
+    progress = TaskProgress(console)
+    if interrupts:
+        interrupts.follow_tasks()
+    end = days[-1] + timedelta(days=1)
+    span = f"{days[0]} to {end}"
+    print(
+        f"  {_span(days)} ({len(days)} dates): one event_stats DAG run, params start_date="
+        f"{days[0]} end_date={end}",
+        file=console,
+        flush=True,
+    )
+    from airflow.sdk.listener import get_listener_manager
+
+    listeners = get_listener_manager()
+    listeners.add_listener(progress)
+    named = airflow_support.named_test_runs(
+        run_id=lambda: f"event-stats-backfill_{days[0]}_to_{end}__{_stamp()}",
+        note=f"backfill {span} (end exclusive): {len(days)} dates in one run, by "
+        "`event-stats backfill`",
+        user="event-stats backfill",
+    )
+    try:
+        with named:
+            now = datetime.now(UTC)
+            dag_run = dag.test(
+                logical_date=now,
+                run_after=now,
+                run_conf={"start_date": days[0].isoformat(), "end_date": end.isoformat()},
+            )
+        if interrupts:
+            interrupts.check()
+    finally:
+        listeners.pm.unregister(progress)
+    state = str(getattr(dag_run.state, "value", dag_run.state))
+    states.update(dict.fromkeys(days, state))
+    print(f"  {_span(days)}: {state} ({progress.elapsed():.0f} s)", file=console, flush=True)
+
+
+def _stamp() -> str:
+    """Now (UTC) for a run id: 20260101T120000.123456Z (no two runs of a process share it)."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+class TaskProgress:
+    """A Task SDK listener printing a line per task of a run as it ends: state and duration."""
+
+    def __init__(self, console: TextIO) -> None:
+        self._console = console
+        self._began = time.monotonic()
+        self._started: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._began
+
+    def _ended(self, task_instance: Any, state: str) -> None:
+        task_id = getattr(task_instance, "task_id", "?")
+        took = time.monotonic() - self._started.pop(task_id, self._began)
+        print(f"    {task_id}: {state} ({took:.1f} s)", file=self._console, flush=True)
+
+    @_listener_hook
+    def on_task_instance_running(self, previous_state: object, task_instance: Any) -> None:
+        self._started[getattr(task_instance, "task_id", "?")] = time.monotonic()
+
+    @_listener_hook
+    def on_task_instance_success(self, previous_state: object, task_instance: Any) -> None:
+        self._ended(task_instance, "success")
+
+    @_listener_hook
+    def on_task_instance_failed(
+        self, previous_state: object, task_instance: Any, error: object = None
+    ) -> None:
+        self._ended(task_instance, "failed")
 
 
 # Interrupts
@@ -385,11 +479,29 @@ def _drain(reader: socket.socket) -> bytes:
 
 
 def run(start: date | None = None, end: date | None = None, port: int | None = None) -> int:
-    """The `make run` job; returns the exit code (0 when every date's run succeeded, 128 + the
-    signal's number when SIGTERM or SIGINT stopped it). The last thing its process does: it
-    freezes the garbage collector's objects."""
+    """The `make run` job: one DAG run per date; returns the exit code (0 when every date's run
+    succeeded, 128 + the signal's number when SIGTERM or SIGINT stopped it). The last thing its
+    process does: it freezes the garbage collector's objects."""
     start = start or DEFAULT_START
     end = end or start + timedelta(days=DEFAULT_DAYS)
+    return _execute("run", start, end, port, run_dates)
+
+
+def backfill(start: date, end: date, port: int | None = None) -> int:
+    """`event-stats backfill`: [start, end) as one DAG run (run_range); exit code as `run`."""
+    last_possible = datetime.now(UTC).date()
+    if end - timedelta(days=1) > last_possible:
+        raise ValueError(
+            f"--end {end}: no events after {last_possible} (UTC) exist yet; end the range at "
+            f"--end {last_possible + timedelta(days=1)} at the latest"
+        )
+    return _execute("backfill", start, end, port, run_range)
+
+
+Runner = Callable[[list[date], dict[date, str], RunInterrupts, TextIO], None]
+
+
+def _execute(command: str, start: date, end: date, port: int | None, runner: Runner) -> int:
     if end <= start:
         raise ValueError(f"--end {end} must be after --start {start}")
     days = [start + timedelta(days=i) for i in range((end - start).days)]
@@ -398,10 +510,10 @@ def run(start: date | None = None, end: date | None = None, port: int | None = N
     interrupts = RunInterrupts()
     try:
         with interrupts:
-            summaries, report = _run_with_events_api(days, states, interrupts, port)
+            summaries, report = _run_with_events_api(days, states, interrupts, port, runner)
     except KeyboardInterrupt:
         signum = interrupts.received or signal.SIGINT
-        print(interrupted_message(signum, days, states))
+        print(interrupted_message(signum, days, states, command))
         return 128 + signum
     finally:
         # The command ends here. Python's garbage collections while it shuts down would walk
@@ -417,10 +529,14 @@ def run(start: date | None = None, end: date | None = None, port: int | None = N
 
 
 def _run_with_events_api(
-    days: list[date], states: dict[date, str], interrupts: RunInterrupts, port: int | None
+    days: list[date],
+    states: dict[date, str],
+    interrupts: RunInterrupts,
+    port: int | None,
+    runner: Runner,
 ) -> tuple[list[DaySummary], status.StatusReport]:
-    """Set Airflow up, start the events API, run the DAG for each date, stop the API, and
-    summarize; Airflow's and dbt's output goes to run.log beside the warehouse."""
+    """Set Airflow up, start the events API, run the DAG over the dates (`runner`), stop the
+    API, and summarize; Airflow's and dbt's output goes to run.log beside the warehouse."""
     data_dir = settings.warehouse_path().parent
     data_dir.mkdir(parents=True, exist_ok=True)
     log_file = data_dir / "run.log"
@@ -432,11 +548,13 @@ def _run_with_events_api(
             os.environ["EVENTS_API_URL"] = url
             print(f"Events API on {url}; dates {days[0]} to {days[-1]}:", file=console)
             before = read_ledgers(days[0], end)
-            run_dates(days, states, interrupts, console)
+            runner(days, states, interrupts, console)
     return summarize(days, states, before)
 
 
-def interrupted_message(signum: int, days: list[date], states: dict[date, str]) -> str:
+def interrupted_message(
+    signum: int, days: list[date], states: dict[date, str], command: str = "run"
+) -> str:
     """What an interrupted run did, and the commands that finish the job and show each date."""
     end = days[-1] + timedelta(days=1)
     finished = [day for day in days if day in states]
@@ -452,7 +570,7 @@ def interrupted_message(signum: int, days: list[date], states: dict[date, str]) 
             "Every table holds each date complete, as it was or as rewritten: none is "
             "half-written.",
             "Finish the job (dates already done change nothing and are not emailed again):",
-            f"  uv run event-stats run --start {days[0]} --end {end}",
+            f"  uv run event-stats {command} --start {days[0]} --end {end}",
             "What each date holds:",
             f"  {_status_command(days[0], end)}",
         ]

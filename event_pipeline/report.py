@@ -434,47 +434,111 @@ def send_stats(
     writes it); keeps ops.email_log. Every recipient is tried; if any email failed, raises
     SendStatsError after the others went out, and a retry sends only what is missing.
     """
+    return send_stats_dates(
+        [event_date],
+        warehouse_path=warehouse_path,
+        recipients=recipients,
+        sender=sender,
+        outbox_dir=outbox_dir,
+        smtp=smtp,
+    )
+
+
+def send_stats_dates(
+    event_dates: list[date],
+    *,
+    warehouse_path: Path | None = None,
+    recipients: str | list[str] | None = None,
+    sender: str | None = None,
+    outbox_dir: Path | None = None,
+    smtp: SmtpSettings | None = None,
+) -> list[SendResult]:
+    """send_stats for each date in turn, on one warehouse connection (a range run's emails).
+
+    A date whose stats were never built is refused at once (StatsNotBuiltError). A failed email
+    does not stop the later dates: every date is tried, then one SendStatsError names every
+    failure, and a retry sends only what is missing.
+    """
     if recipients is None:
         targets = mail.parse_recipients(settings.email_to(), source="EMAIL_TO")
     else:
         targets = mail.parse_recipients(recipients, source="the recipients")
     if not targets:
-        raise ValueError(f"No recipients for the stats email of {event_date}: set EMAIL_TO.")
+        dates = ", ".join(str(day) for day in event_dates)
+        raise ValueError(f"No recipients for the stats email of {dates}: set EMAIL_TO.")
     sender = sender or (smtp.from_email if smtp and smtp.from_email else settings.email_from())
-    domain = mail.sender_domain(sender)
-    outbox_dir = outbox_dir or settings.email_outbox_dir()
-    backend = smtp.describe() if smtp else f"outbox:{outbox_dir}"
+    transport = _Transport(
+        sender=sender,
+        domain=mail.sender_domain(sender),
+        outbox_dir=outbox_dir or settings.email_outbox_dir(),
+        smtp=smtp,
+    )
+    results: list[SendResult] = []
+    failed: list[SendStatsError] = []
+    with warehouse.connect(warehouse_path) as connection:
+        for number, event_date in enumerate(event_dates):
+            # Before any write: a refusal of the first date writes nothing.
+            day = read_built_stats(connection, event_date)
+            if number == 0:
+                email_log.ensure_email_log(connection)
+            try:
+                results += _send_day(connection, day, targets, transport)
+            except SendStatsError as error:
+                results += error.results
+                failed.append(error)
+    if len(failed) == 1 and len(event_dates) == 1:
+        raise failed[0]
+    if failed:
+        raise SendStatsError("\n".join(str(error) for error in failed), results)
+    return results
 
+
+@dataclass(frozen=True)
+class _Transport:
+    sender: str
+    domain: str
+    outbox_dir: Path
+    smtp: SmtpSettings | None
+
+    @property
+    def backend(self) -> str:
+        return self.smtp.describe() if self.smtp else f"outbox:{self.outbox_dir}"
+
+
+def _send_day(
+    connection: duckdb.DuckDBPyConnection,
+    day: DayStats,
+    targets: list[Recipient],
+    transport: _Transport,
+) -> list[SendResult]:
+    """Record the intents of one date's emails, send them, raise SendStatsError on failures."""
     results: list[SendResult] = []
     failures: list[str] = []
-    with warehouse.connect(warehouse_path) as connection:
-        day = read_built_stats(connection, event_date)  # before any write: a refusal writes nothing
-        history = read_history(connection, event_date)
-        email_log.ensure_email_log(connection)
-        plans = _plans(connection, day, targets, domain=domain, backend=backend)
-        email_log.record_intents(
-            connection,
-            new=[p.entry for p in plans if p.action == "new"],
-            retried=[p.entry for p in plans if p.action == "retry"],
-        )
-        for plan in plans:
-            try:
-                results.append(
-                    _send_one(
-                        connection,
-                        plan,
-                        day,
-                        history=history,
-                        sender=sender,
-                        smtp=smtp,
-                        outbox_dir=outbox_dir,
-                    )
+    history = read_history(connection, day.event_date)
+    plans = _plans(connection, day, targets, domain=transport.domain, backend=transport.backend)
+    email_log.record_intents(
+        connection,
+        new=[p.entry for p in plans if p.action == "new"],
+        retried=[p.entry for p in plans if p.action == "retry"],
+    )
+    for plan in plans:
+        try:
+            results.append(
+                _send_one(
+                    connection,
+                    plan,
+                    day,
+                    history=history,
+                    sender=transport.sender,
+                    smtp=transport.smtp,
+                    outbox_dir=transport.outbox_dir,
                 )
-            except mail.MailDeliveryError as error:
-                failures.append(str(error))
+            )
+        except mail.MailDeliveryError as error:
+            failures.append(str(error))
     if failures:
         raise SendStatsError(
-            f"The stats email for {event_date} was not sent to {len(failures)} of "
+            f"The stats email for {day.event_date} was not sent to {len(failures)} of "
             f"{len(plans)} recipient(s):\n- " + "\n- ".join(failures),
             results,
         )

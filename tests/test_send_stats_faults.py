@@ -19,6 +19,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from report_fixtures import (  # noqa: F401 (stats_db_fixture is the stats_db fixture)
     DAY,
+    OTHER_DAY,
     stats_db_fixture,
     table,
 )
@@ -163,6 +164,29 @@ def test_a_refused_recipient_does_not_stop_the_others_and_a_retry_sends_only_it(
         "b@example.com",
         "c@example.com",
     ]
+
+
+def test_in_a_range_a_refused_recipient_does_not_stop_the_later_dates(
+    stats_db: Path, smtp_server: tuple[Recorder, SmtpSettings]
+):
+    recorder, smtp = smtp_server
+    recorder.rcpt_replies = {"b@example.com": "550 5.1.1 no such mailbox"}
+    recipients = "a@example.com, b@example.com"
+
+    with pytest.raises(report.SendStatsError) as error:
+        report.send_stats_dates(
+            [DAY, OTHER_DAY], warehouse_path=stats_db, recipients=recipients, smtp=smtp
+        )
+    assert f"for {DAY} was not sent" in str(error.value)
+    assert f"for {OTHER_DAY} was not sent" in str(error.value)
+    sent = sorted((str(m["X-Event-Stats-Date"]), str(m["To"])) for m in recorder.messages)
+    assert sent == [(str(DAY), "a@example.com"), (str(OTHER_DAY), "a@example.com")]
+
+    recorder.rcpt_replies = {}
+    report.send_stats_dates(
+        [DAY, OTHER_DAY], warehouse_path=stats_db, recipients=recipients, smtp=smtp
+    )
+    assert len(recorder.messages) == 4  # b got both dates once, a nothing again
 
 
 # A second process that opens the warehouse (as a SQL session does) and holds it.

@@ -282,13 +282,18 @@ def start_airflow_fixture(
     schedule=False: the scheduler creates no scheduled runs (only backfills and triggers run).
     rest=True: the api-server also serves the public REST API and UI, with auth off.
     triggerer=True: also a triggerer (it runs the deadline alert's callback).
+    api_only=True: the api-server alone (to read what runs made elsewhere look like).
     Environment variables set (monkeypatch) before the call reach every service, task and
     `airflow_cli` call; those go to this test's own metadata database.
     """
     started: list[subprocess.Popen] = []
 
     def start(
-        *, schedule: bool = False, rest: bool = False, triggerer: bool = False
+        *,
+        schedule: bool = False,
+        rest: bool = False,
+        triggerer: bool = False,
+        api_only: bool = False,
     ) -> AirflowServices:
         services = AirflowServices(
             port=free_port(),
@@ -334,6 +339,8 @@ def start_airflow_fixture(
         }
         if triggerer:
             commands["triggerer"] = [AIRFLOW, "triggerer"]
+        if api_only:
+            commands = {"api-server": commands["api-server"]}
         for name, argv in commands.items():
             with (services.logs / f"{name}.log").open("wb") as log:
                 process = subprocess.Popen(
