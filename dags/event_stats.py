@@ -111,15 +111,9 @@ def event_stats() -> None:
     def send_stats(dag_run=None, params=None) -> list[dict]:
         """Email each date's stats once; by SMTP when the Airflow connection exists, else to the
         outbox."""
-        from event_pipeline import report
-        from event_pipeline.airflow_support import smtp_settings
+        from event_pipeline.airflow_support import send_emails
 
-        days = run_window(dag_run, params).days()
-        results = report.send_stats_dates(days, smtp=smtp_settings())
-        return [
-            {"date": r.event_date.isoformat(), "recipient": r.recipient, "status": r.status}
-            for r in results
-        ]
+        return send_emails(dag_run, params)
 
     load_raw_events() >> dbt >> send_stats()
 

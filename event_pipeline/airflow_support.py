@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from event_pipeline import settings
-from event_pipeline.run_window import run_window
+from event_pipeline.run_window import WindowError, run_window
 
 if TYPE_CHECKING:
     from event_pipeline.mail import SmtpSettings
@@ -293,15 +293,19 @@ def events_api_access(conn_id: str | None = None) -> EventsApiAccess:
 def load_events(dag_run: Any, params: Mapping[str, Any] | None = None) -> list[dict]:
     """The load task: log in (when configured) and load the run's window; returns the XCom.
 
-    Refused credentials fail the task without retries (AirflowFailException): a retry would
-    only log in with the same credentials again. The XCom holds dates and row counts only.
+    Refused credentials and a refused window fail the task without retries
+    (AirflowFailException): a retry would ask the same again. The XCom holds dates and row
+    counts only.
     """
     from airflow.sdk.exceptions import AirflowFailException
 
     from event_pipeline import loader
     from event_pipeline.sources import LoginRefused
 
-    window = run_window(dag_run, params)
+    try:
+        window = run_window(dag_run, params)
+    except WindowError as refused:
+        raise AirflowFailException(str(refused)) from None
     api = events_api_access()
     try:
         results = loader.load_range(
@@ -314,6 +318,29 @@ def load_events(dag_run: Any, params: Mapping[str, Any] | None = None) -> list[d
     except LoginRefused as refused:
         raise AirflowFailException(str(refused)) from None
     return [{"event_date": r.event_date.isoformat(), "rows": r.rows} for r in results]
+
+
+def send_emails(dag_run: Any, params: Mapping[str, Any] | None = None) -> list[dict]:
+    """The send_stats task: email each date of the run's window once; returns the XCom.
+
+    By SMTP when the Airflow connection exists, else to the outbox. Refusals that a retry
+    would meet again (a refused window, a date never built, an invalid address) fail the task
+    without retries; a failed email is retried (a retry sends only what is missing).
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from event_pipeline import report
+    from event_pipeline.mail import InvalidAddressError
+
+    try:
+        days = run_window(dag_run, params).days()
+        results = report.send_stats_dates(days, smtp=smtp_settings())
+    except (WindowError, report.StatsNotBuiltError, InvalidAddressError) as refused:
+        raise AirflowFailException(str(refused)) from None
+    return [
+        {"date": r.event_date.isoformat(), "recipient": r.recipient, "status": r.status}
+        for r in results
+    ]
 
 
 def _flag(value: object) -> bool:

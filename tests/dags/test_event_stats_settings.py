@@ -94,3 +94,34 @@ def test_a_broken_dag_file_is_reported_as_an_import_error(tmp_path: Path):
     bag = DagBag(dag_folder=str(tmp_path))
     assert list(bag.import_errors) == [str(broken)]
     assert "broken on purpose" in bag.import_errors[str(broken)]
+
+
+def test_refusals_a_retry_would_meet_again_fail_the_task_without_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from event_pipeline.airflow_support import load_events, send_emails
+
+    monkeypatch.setenv("WAREHOUSE_PATH", str(tmp_path / "warehouse.duckdb"))
+    monkeypatch.setenv("EMAIL_OUTBOX_DIR", str(tmp_path / "outbox"))
+    now = datetime.now(UTC)
+    today = SimpleNamespace(
+        run_id="today",
+        logical_date=now.replace(hour=0, minute=0, second=0, microsecond=0),
+        run_after=now,
+        conf={},
+    )
+    for task in (load_events, send_emails):
+        with pytest.raises(AirflowFailException, match="is not complete"):
+            task(today)
+    # A date whose stats were never built (an empty warehouse), and an invalid recipient.
+    past = SimpleNamespace(
+        run_id="past", logical_date=datetime(2026, 1, 5, tzinfo=UTC), run_after=now, conf={}
+    )
+    with pytest.raises(AirflowFailException, match="2026-01-05"):
+        send_emails(past)
+    monkeypatch.setenv("EMAIL_TO", "not-an-address")
+    with pytest.raises(AirflowFailException, match="not-an-address"):
+        send_emails(past)
+    assert not (tmp_path / "outbox").exists()
