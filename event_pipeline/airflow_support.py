@@ -36,17 +36,26 @@ def ensure_airflow() -> None:
     from airflow.models.pool import Pool
     from airflow.utils import db
 
+    from event_pipeline.warehouse import lake
+
+    slots = settings.warehouse_pool_slots()
+    if slots > 1 and not lake.is_lake(settings.warehouse_path()):
+        raise ValueError(
+            f"WAREHOUSE_POOL_SLOTS={slots}, but the warehouse {settings.warehouse_path()} is a "
+            "DuckDB file, which allows one writer: set it to 1, or use a DuckLake (a "
+            "WAREHOUSE_PATH not ending in .duckdb)"
+        )
     settings.airflow_home().mkdir(parents=True, exist_ok=True)
     db.upgradedb()  # creates a fresh database, or migrates an old one; no-op when current
     pool = Pool.get_pool(settings.WAREHOUSE_POOL)
-    if pool is None or pool.slots != 1:
+    if pool is None or pool.slots != slots:
         Pool.create_or_update_pool(
             name=settings.WAREHOUSE_POOL,
-            slots=1,
-            description="One writer at a time for the DuckDB warehouse file",
+            slots=slots,
+            description="Tasks using the warehouse at once (1 for a DuckDB file: one writer)",
             include_deferred=False,
         )
-        log.info("Created Airflow pool %s with 1 slot", settings.WAREHOUSE_POOL)
+        log.info("Created Airflow pool %s with %d slot(s)", settings.WAREHOUSE_POOL, slots)
 
 
 def run_day(dag_run: Any, offset: int = 0, params: Mapping[str, Any] | None = None) -> str:
