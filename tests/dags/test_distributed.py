@@ -102,12 +102,18 @@ def redis_fixture() -> str:
     return REDIS
 
 
-def _admin(postgres: dict[str, str]):
+def _run_admin(postgres: dict[str, str], statements: list[str]) -> None:
+    """Run statements that cannot be in a transaction (create/drop database)."""
     import psycopg2
 
     connection = psycopg2.connect(**postgres)
     connection.autocommit = True
-    return connection
+    try:
+        with connection.cursor() as cursor:
+            for statement in statements:
+                cursor.execute(statement)
+    finally:
+        connection.close()
 
 
 @pytest.fixture(name="databases")
@@ -116,18 +122,12 @@ def databases_fixture(postgres: dict[str, str]) -> Iterator[dict[str, str]]:
     strings, dropped at the end."""
     token = secrets.token_hex(4)
     names = {"airflow": f"es_test_{token}_airflow", "lake": f"es_test_{token}_lake"}
-    with _admin(postgres) as admin, admin.cursor() as cursor:
-        for name in names.values():
-            cursor.execute(f"create database {name}")
+    _run_admin(postgres, [f"create database {name}" for name in names.values()])
     server = " ".join(f"{k}={v}" for k, v in postgres.items() if k != "dbname")
     yield {role: f"{server} dbname={name}" for role, name in names.items()}
-    admin = _admin(postgres)
-    try:
-        with admin.cursor() as cursor:
-            for name in names.values():
-                cursor.execute(f"drop database if exists {name} with (force)")
-    finally:
-        admin.close()
+    _run_admin(
+        postgres, [f"drop database if exists {name} with (force)" for name in names.values()]
+    )
 
 
 def _url(conninfo: str, scheme: str) -> str:
