@@ -1,5 +1,5 @@
 """Housekeeping of a DuckLake warehouse (event_pipeline.warehouse.maintenance), and the settings
-of the distributed profile's catalog.
+of the distributed profile (the catalog in PostgreSQL, the warehouse pool's slots).
 
 A lake written by real loads (one snapshot and one Parquet file per daily load): housekeeping
 merges the files, expires the snapshots older than the retention, deletes the files nothing
@@ -122,3 +122,14 @@ def test_the_catalog_setting_names_postgres_or_nothing(monkeypatch: pytest.Monke
     monkeypatch.setenv("WAREHOUSE_CATALOG", "mysql:db=lake")
     with pytest.raises(ValueError, match="WAREHOUSE_CATALOG"):
         settings.warehouse_catalog()
+
+
+def test_more_than_one_warehouse_pool_slot_is_refused_on_a_duckdb_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from event_pipeline import airflow_support
+
+    monkeypatch.setenv("WAREHOUSE_PATH", str(tmp_path / "warehouse.duckdb"))
+    monkeypatch.setenv("WAREHOUSE_POOL_SLOTS", "2")
+    with pytest.raises(ValueError, match="WAREHOUSE_POOL_SLOTS=2.*one writer"):
+        airflow_support.ensure_airflow()
