@@ -62,4 +62,4 @@ cluster-status:
 	$(WITH_CLUSTER_ENV) $(RUN) event-stats cluster status
 
 clean:
-	rm -rf .airflow data dbt_project/target dbt_project/logs dbt_project/dbt_packages logs
+	rm -rf .airflow .airflow-cluster data dbt_project/target dbt_project/logs dbt_project/dbt_packages logs
