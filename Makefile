@@ -6,7 +6,7 @@ PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 RUN := $(UV) run --locked
 
-.PHONY: env browser run test lint format ui bench crash pictures clean
+.PHONY: env browser run test lint format ui bench crash pictures clean cluster-start cluster-stop cluster-status
 
 env:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 \
@@ -62,5 +62,21 @@ crash: env
 pictures: env browser
 	$(RUN) python docs/pictures.py
 
+# The distributed profile (README, "Beyond one machine"): Airflow's services and $(WORKERS) Celery
+# workers in the background, configured by $(CLUSTER_ENV) (PostgreSQL, Redis, DuckLake catalog in
+# PostgreSQL); PIDs and logs in .airflow-cluster/cluster/. Stopped by those PIDs.
+CLUSTER_ENV ?= deploy/distributed.env
+WORKERS ?= 2
+WITH_CLUSTER_ENV := set -a && . ./$(CLUSTER_ENV) && set +a &&
+
+cluster-start: env
+	$(WITH_CLUSTER_ENV) $(RUN) event-stats cluster start --workers $(WORKERS)
+
+cluster-stop:
+	$(WITH_CLUSTER_ENV) $(RUN) event-stats cluster stop
+
+cluster-status:
+	$(WITH_CLUSTER_ENV) $(RUN) event-stats cluster status
+
 clean:
-	rm -rf .airflow data dbt_project/target dbt_project/logs dbt_project/dbt_packages logs
+	rm -rf .airflow .airflow-cluster data dbt_project/target dbt_project/logs dbt_project/dbt_packages logs

@@ -49,17 +49,26 @@ def ensure_airflow() -> None:
     from airflow.models.pool import Pool
     from airflow.utils import db
 
+    from event_pipeline.warehouse import lake
+
+    slots = settings.warehouse_pool_slots()
+    if slots > 1 and not lake.is_lake(settings.warehouse_path()):
+        raise ValueError(
+            f"WAREHOUSE_POOL_SLOTS={slots}, but the warehouse {settings.warehouse_path()} is a "
+            "DuckDB file, which allows one writer: set it to 1, or use a DuckLake (a "
+            "WAREHOUSE_PATH not ending in .duckdb)"
+        )
     settings.airflow_home().mkdir(parents=True, exist_ok=True)
     db.upgradedb()  # creates a fresh database, or migrates an old one; no-op when current
     pool = Pool.get_pool(settings.WAREHOUSE_POOL)
-    if pool is None or pool.slots != 1:
+    if pool is None or pool.slots != slots:
         Pool.create_or_update_pool(
             name=settings.WAREHOUSE_POOL,
-            slots=1,
-            description="One writer at a time for the DuckDB warehouse file",
+            slots=slots,
+            description="Tasks using the warehouse at once (1 for a DuckDB file: one writer)",
             include_deferred=False,
         )
-        log.info("Created Airflow pool %s with 1 slot", settings.WAREHOUSE_POOL)
+        log.info("Created Airflow pool %s with %d slot(s)", settings.WAREHOUSE_POOL, slots)
     stamp = {"airflow": version("apache-airflow"), "database": _database_url()}
     _setup_stamp().write_text(json.dumps({**stamp, "revision": _database_state()[0]}))
 
@@ -75,7 +84,7 @@ def _database_url() -> str:
 
 def is_set_up() -> bool:
     """Whether the metadata database holds the schema revision ensure_airflow migrated it to for
-    the installed Airflow version, and the warehouse pool with 1 slot (read with SQLAlchemy, no
+    the installed Airflow version, and the warehouse pool with the configured slots (no
     Airflow import). False whenever in doubt: then ensure_airflow does the full setup."""
     try:
         stamp = json.loads(_setup_stamp().read_text())
@@ -87,7 +96,8 @@ def is_set_up() -> bool:
     ):
         return False
     revision, slots = _database_state()
-    return revision is not None and revision == stamp.get("revision") and slots == 1
+    expected_slots = settings.warehouse_pool_slots()
+    return revision is not None and revision == stamp.get("revision") and slots == expected_slots
 
 
 def _database_state() -> tuple[str | None, int | None]:

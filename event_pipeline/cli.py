@@ -254,6 +254,41 @@ def _airflow(args: argparse.Namespace) -> int:
     os.execvp(executable, ["airflow", *args.airflow_args])
 
 
+def _cluster(args: argparse.Namespace) -> int:
+    """Start, list or stop the distributed profile's processes (event_pipeline.cluster)."""
+    from event_pipeline import cluster
+
+    try:
+        if args.action == "start":
+            services = cluster.start(workers=args.workers)
+        elif args.action == "stop":
+            services = cluster.stop()
+        else:
+            services = cluster.status()
+    except (RuntimeError, ValueError) as error:
+        raise SystemExit(f"cluster {args.action} failed: {error}") from error
+    verb = {"start": "started", "stop": "stopped", "status": "running"}[args.action]
+    for service in services:
+        state = verb if service.alive else "not running"
+        print(f"{service.name:<14} PID {service.pid:<8} {state:<12} log {service.log}")
+    if args.action == "status":
+        return 0 if services and all(s.alive for s in services) else 1
+    return 0
+
+
+def _housekeeping(args: argparse.Namespace) -> int:
+    """Compact a DuckLake warehouse, expire old snapshots, delete unreferenced files."""
+    from event_pipeline.warehouse import maintenance
+
+    try:
+        before, after = maintenance.housekeep(args.warehouse, retention_days=args.retention_days)
+    except ValueError as error:
+        raise SystemExit(f"housekeeping failed: {error}") from error
+    print(f"before: {before.describe()}")
+    print(f"after:  {after.describe()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="event-stats", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -357,6 +392,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_sql_parser(commands)
     _add_status_parser(commands)
+
+    housekeeping = commands.add_parser(
+        "housekeeping",
+        help="DuckLake: merge small files, expire old snapshots, delete unreferenced files",
+    )
+    housekeeping.add_argument(
+        "--warehouse", type=Path, help="DuckLake directory (default: $WAREHOUSE_PATH)"
+    )
+    housekeeping.add_argument(
+        "--retention-days",
+        type=int,
+        help="keep snapshots this many days (default: $WAREHOUSE_SNAPSHOT_RETENTION_DAYS, 30)",
+    )
+    housekeeping.set_defaults(handler=_housekeeping)
+
+    cluster = commands.add_parser(
+        "cluster",
+        help="start/stop/status of the distributed profile's Airflow processes and Celery workers",
+    )
+    cluster.add_argument("action", choices=["start", "stop", "status"])
+    cluster.add_argument("--workers", type=int, default=2, help="Celery workers (default 2)")
+    cluster.set_defaults(handler=_cluster)
 
     airflow = commands.add_parser(
         "airflow",

@@ -28,6 +28,30 @@ def warehouse_path() -> Path:
     return _path("WAREHOUSE_PATH", REPO_ROOT / "data" / "warehouse.duckdb")
 
 
+def warehouse_catalog() -> str:
+    """Where a DuckLake warehouse keeps its catalog ($WAREHOUSE_CATALOG).
+
+    Empty (the default): the SQLite file WAREHOUSE_PATH/catalog.sqlite. `postgres:` followed by
+    a libpq connection string (`postgres:dbname=event_stats_lake host=127.0.0.1`): a PostgreSQL
+    database that every worker reaches (it must exist); the Parquet files stay in
+    WAREHOUSE_PATH/data/, a folder every worker must reach too. A DuckLake path only.
+    """
+    value = os.environ.get("WAREHOUSE_CATALOG", "").strip()
+    if value and not value.startswith("postgres:"):
+        raise ValueError(
+            f"WAREHOUSE_CATALOG={value!r}: use `postgres:` and a libpq connection string, e.g. "
+            "postgres:dbname=event_stats_lake host=127.0.0.1, or leave it empty for the SQLite "
+            "catalog in the warehouse directory"
+        )
+    return value
+
+
+def snapshot_retention_days() -> int:
+    """Days of DuckLake snapshots housekeeping keeps ($WAREHOUSE_SNAPSHOT_RETENTION_DAYS,
+    default 30): time travel reaches back that far; older snapshots and their files go."""
+    return max(0, int(os.environ.get("WAREHOUSE_SNAPSHOT_RETENTION_DAYS", "30")))
+
+
 def events_api_url() -> str:
     """Base URL of the events API (without /events)."""
     return os.environ.get("EVENTS_API_URL", "http://127.0.0.1:5000").rstrip("/")
@@ -149,6 +173,12 @@ def warehouse_lock_timeout() -> float:
 
 # Airflow pool with one slot that every task opening the DuckDB file runs in.
 WAREHOUSE_POOL = "duckdb_warehouse"
+
+
+def warehouse_pool_slots() -> int:
+    """Slots of WAREHOUSE_POOL ($WAREHOUSE_POOL_SLOTS, default 1): how many tasks use the
+    warehouse at once. A DuckDB file allows one writer: more than 1 needs a DuckLake."""
+    return max(1, int(os.environ.get("WAREHOUSE_POOL_SLOTS", "1")))
 
 
 def airflow_home() -> Path:

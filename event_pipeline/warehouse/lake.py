@@ -6,7 +6,10 @@ PATH/catalog.sqlite (the catalog: tables, snapshots, which files hold which rows
 the default one, so raw.events, analytics.event_stats and ops.* resolve as in the DuckDB file.
 profiles.yml attaches it the same way for dbt.
 
-The extensions come from PyPI (the packages duckdb-extension-ducklake and -sqlite-scanner) and
+$WAREHOUSE_CATALOG may put the catalog in PostgreSQL instead (the distributed profile: workers on
+several machines share it; the data files then go to a folder they all reach).
+
+The extensions come from PyPI (duckdb-extension-ducklake, -sqlite-scanner, -postgres-scanner) and
 are installed into DuckDB's extension directory on first use (and by `make env`); DuckDB itself
 never downloads one (autoinstall is off).
 """
@@ -21,10 +24,12 @@ from pathlib import Path
 
 import duckdb
 
+from event_pipeline import settings
+
 CATALOG_NAME = "warehouse"
 CATALOG_FILE = "catalog.sqlite"
 DATA_DIR = "data"
-EXTENSIONS = ("ducklake", "sqlite_scanner")
+EXTENSIONS = ("ducklake", "sqlite_scanner", "postgres_scanner")
 # Settings of every connection: never download an extension; load them from the PyPI packages.
 CONFIG = {"autoinstall_known_extensions": False}
 
@@ -34,16 +39,20 @@ def is_lake(path: Path) -> bool:
     return Path(path).suffix != ".duckdb"
 
 
-def attach_sql(path: Path, *, read_only: bool = False) -> str:
-    """The ATTACH statement of the lake at `path`, as a plain `duckdb` shell can run it."""
+def attach_sql(path: Path, *, read_only: bool = False, catalog: str | None = None) -> str:
+    """The ATTACH statement of the lake at `path`, as a plain `duckdb` shell can run it.
+
+    `catalog` (default settings.warehouse_catalog()): empty for the SQLite catalog
+    PATH/catalog.sqlite, or `postgres:<libpq connection string>` for a PostgreSQL one; the
+    Parquet files are in PATH/data/ either way.
+    """
     path = Path(path)
+    catalog = settings.warehouse_catalog() if catalog is None else catalog
     options = [f"data_path '{_quoted(path / DATA_DIR)}/'"]
     if read_only:
         options.append("read_only")
-    return (
-        f"attach if not exists 'ducklake:sqlite:{_quoted(path / CATALOG_FILE)}' "
-        f"as {CATALOG_NAME} ({', '.join(options)})"
-    )
+    source = _quoted(catalog or f"sqlite:{path / CATALOG_FILE}")
+    return f"attach if not exists 'ducklake:{source}' as {CATALOG_NAME} ({', '.join(options)})"
 
 
 def install_extensions(connection: duckdb.DuckDBPyConnection | None = None) -> None:
@@ -74,7 +83,8 @@ def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
     path = Path(path)
     if not read_only:
         (path / DATA_DIR).mkdir(parents=True, exist_ok=True)
-        use_wal(path / CATALOG_FILE)
+        if not settings.warehouse_catalog():  # a PostgreSQL catalog has no journal to set
+            use_wal(path / CATALOG_FILE)
     connection = duckdb.connect(config=CONFIG)
     try:
         # In-memory DuckDB spills to ./.tmp by default; keep spill files beside the data.
@@ -123,5 +133,5 @@ def without_keys(ddl: str) -> str:
     return _PRIMARY_KEY.sub("", ddl)
 
 
-def _quoted(path: Path) -> str:
+def _quoted(path: Path | str) -> str:
     return str(path).replace("'", "''")
