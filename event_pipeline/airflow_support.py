@@ -39,14 +39,15 @@ def ensure_airflow() -> None:
     settings.airflow_home().mkdir(parents=True, exist_ok=True)
     db.upgradedb()  # creates a fresh database, or migrates an old one; no-op when current
     pool = Pool.get_pool(settings.WAREHOUSE_POOL)
-    if pool is None or pool.slots != 1:
+    slots = settings.warehouse_pool_slots()
+    if pool is None or pool.slots != slots:
         Pool.create_or_update_pool(
             name=settings.WAREHOUSE_POOL,
-            slots=1,
-            description="One writer at a time for the DuckDB warehouse file",
+            slots=slots,
+            description="Tasks that write the warehouse at once (one for a DuckDB file)",
             include_deferred=False,
         )
-        log.info("Created Airflow pool %s with 1 slot", settings.WAREHOUSE_POOL)
+        log.info("Airflow pool %s has %d slot(s)", settings.WAREHOUSE_POOL, slots)
 
 
 def run_day(dag_run: Any, offset: int = 0, params: Mapping[str, Any] | None = None) -> str:

@@ -42,15 +42,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
 import duckdb
 
 from event_pipeline import settings, sources, warehouse
-from event_pipeline.warehouse import raw
+from event_pipeline.warehouse import commits, lake, raw
 from event_pipeline.warehouse.raw import partition_checksum  # noqa: F401 (tests and tools use it)
 
 log = logging.getLogger(__name__)
@@ -299,10 +300,10 @@ def _check_not_stored_elsewhere(
     """event_id is unique in raw.events: refuse ids that a date outside the window holds.
 
     That happens when the source re-dates an event (our ids are stable, timestamps may be
-    corrected). Inside the window the replace itself moves the event. This process holds the
-    writer lock, so nothing changes until the transaction. The remedy reloads the other date(s)
-    first (which drops the event there), then resumes at this window: that works whether the
-    event moved forwards or backwards.
+    corrected). Inside the window the replace itself moves the event. The check runs in the
+    write's transaction (_compare_and_write). The remedy reloads the other date(s) first (which
+    drops the event there), then resumes at this window: that works whether the event moved
+    forwards or backwards.
     """
     found = raw.stored_elsewhere(connection, sources.STAGED, window.start, window.end)
     if found is None:
@@ -347,13 +348,28 @@ def _stage(
         )
     if duplicates:
         log.warning("%s: %d repeated event_id(s) in the delivery, stored once", window, duplicates)
-    _check_not_stored_elsewhere(connection, window, source, end)
-    dates = raw.compare_staged(connection, sources.STAGED, window.start, window.end)
-    return _Staged(window, url, dates, outside, started)
+    return _Staged(window, url, [], outside, started)
+
+
+def _compare_and_write(
+    connection: duckdb.DuckDBPyConnection, staged: _Staged, source: _Source, end: date, run_id: str
+) -> list[LoadResult]:
+    """In ONE transaction: compare the stage with raw.events, then write (`_write`). On a
+    DuckLake, when another process commits meanwhile, the COMMIT fails, nothing is written, and
+    `commits.retry_on_conflict` runs this again, comparing with what that process committed."""
+    window = staged.window
+    with commits.transaction(connection):
+        lake.label_commit(connection, "event-stats load", run_id, str(window))
+        _check_not_stored_elsewhere(connection, window, source, end)
+        dates = raw.compare_staged(connection, sources.STAGED, window.start, window.end)
+        results = _write(connection, replace(staged, dates=dates), run_id)
+    log.debug("%s: committed", window)
+    return results
 
 
 def _write(connection: duckdb.DuckDBPyConnection, staged: _Staged, run_id: str) -> list[LoadResult]:
-    """Replace the window's changed partitions and write its ledger rows in ONE transaction."""
+    """Replace the window's changed partitions and write its ledger rows (in the caller's
+    transaction)."""
     loaded_at = datetime.now(UTC).replace(tzinfo=None)
     entries = []
     for day in staged.dates:
@@ -380,7 +396,6 @@ def _write(connection: duckdb.DuckDBPyConnection, staged: _Staged, run_id: str) 
         sum(day.rows for day in changed),
     )
     raw.replace_partitions(connection, entries, sources.STAGED)
-    log.debug("%s: committed", staged.window)
     seconds = time.monotonic() - staged.started
     return [
         LoadResult(
@@ -509,10 +524,16 @@ def _load_windows(
                 pending = _Prefetch(source, directory, windows[index + 1])
             try:
                 with warehouse.connect(source.warehouse_path) as connection:
-                    raw.prepare_load(connection, settings.loader_memory_limit())
+                    commits.retry_on_conflict(
+                        lambda: raw.prepare_load(connection, settings.loader_memory_limit()),
+                        what="Creating the raw tables",
+                    )
                     staged = _stage(connection, window, download.path, source, end)
                     with interrupts.deferred():
-                        loaded = _write(connection, staged, run_id)
+                        loaded = commits.retry_on_conflict(
+                            partial(_compare_and_write, connection, staged, source, end, run_id),
+                            what=f"The load of {window}",
+                        )
                         results.extend(loaded)
             finally:
                 download.path.unlink(missing_ok=True)

@@ -256,7 +256,7 @@ def test_sample_events_give_the_stats_in_seeds_readme(
     """seeds/sample_events replayed, loaded and built: the numbers seeds/README.md promises."""
     from event_pipeline import loader, settings
 
-    path = tmp_path / "warehouse.duckdb"
+    path = tmp_path / "warehouse"
     monkeypatch.setenv("WAREHOUSE_PATH", str(path))
     url = events_api(data_dir=settings.REPO_ROOT / "seeds" / "sample_events")
     loader.load_range(date(2019, 1, 1), date(2019, 1, 5), api_url=url, warehouse_path=path)
@@ -290,7 +290,7 @@ def test_cosmos_configs_point_at_this_repository(monkeypatch: pytest.MonkeyPatch
     cosmos = dbt_config._cosmos()
     InvocationMode, LoadMode = cosmos.InvocationMode, cosmos.LoadMode
 
-    monkeypatch.setenv("WAREHOUSE_PATH", "relative/warehouse.duckdb")
+    monkeypatch.setenv("WAREHOUSE_PATH", "relative/warehouse")
     project = dbt_config.project_config()
     profile = dbt_config.profile_config()
     execution = dbt_config.execution_config()
@@ -298,9 +298,9 @@ def test_cosmos_configs_point_at_this_repository(monkeypatch: pytest.MonkeyPatch
 
     assert project.dbt_project_path == settings.REPO_ROOT / "dbt_project"
     # Absolute, since Cosmos runs dbt from a temporary directory.
-    assert project.env_vars == {"WAREHOUSE_PATH": str(Path.cwd() / "relative/warehouse.duckdb")}
+    assert project.env_vars == {"WAREHOUSE_PATH": str(Path.cwd() / "relative/warehouse")}
     assert Path(profile.profiles_yml_filepath) == settings.REPO_ROOT / "profiles.yml"
-    assert (profile.profile_name, profile.target_name) == ("event_stats", "dev")
+    assert (profile.profile_name, profile.target_name) == ("event_stats", "lake")
     assert Path(execution.dbt_executable_path).is_file()
     assert execution.invocation_mode == InvocationMode.DBT_RUNNER
     assert render.load_method == LoadMode.DBT_MANIFEST
