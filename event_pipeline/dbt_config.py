@@ -277,7 +277,8 @@ def run_dbt(
     `dbt_vars` become --vars (e.g. date_vars(day)); `warehouse_path` defaults to
     settings.warehouse_path(). Returns dbt's result; raises DbtRunError with dbt's message when
     the command fails (a failing test included). On a DuckLake, a command that fails because
-    another process committed first (a model is rolled back whole) runs again, up to
+    another process committed first (a model is rolled back whole), or created the same
+    relation at the same moment (a seed, a view), runs again, up to
     settings.warehouse_commit_attempts() times. Sets environment variables while dbt runs, so
     do not call it from several threads at once.
     """
@@ -300,12 +301,12 @@ def run_dbt(
         if result.success or attempt == attempts:
             break
         message = _failure_message(result)
-        if not commits.is_conflict_message(message):
+        if not commits.is_conflict_message(message, ddl=True):
             break
         delay = commits.retry_delay(attempt)
         log.warning(
             "`dbt %s` lost a commit race on the warehouse (attempt %d of %d: %s); each model "
-            "commits whole or not at all, so it runs again in %.2f s",
+            "commits whole or not at all, so the command runs again in %.2f s",
             " ".join(args),
             attempt,
             attempts,

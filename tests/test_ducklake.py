@@ -443,7 +443,7 @@ def _replace_day_at_the_barrier(path: str, day: date, load_id: str, barrier, res
                 loads = connection.execute(
                     "select list(distinct load_id) from raw.events where event_date = ?", [day]
                 ).fetchall()[0][0]
-                untouched.append(load_id not in loads)
+                untouched.append(load_id not in (loads or []))
             with commits.transaction(connection):
                 connection.execute("delete from raw.events where event_date = ?", [day])
                 connection.execute(
@@ -596,13 +596,13 @@ def test_an_email_is_requeried_exactly_as_sent_after_the_stats_changed(events_ap
         assert (day.total_events, day.users, day.content_hash()) == (total, users, content_hash)
     authors = query(
         lake,
-        "select distinct commit_author from ducklake_snapshots('warehouse') "
-        "where commit_author is not null order by 1",
+        "select distinct author from ducklake_snapshots('warehouse') "
+        "where author is not null order by 1",
     )
     assert authors == [("dbt",), ("event-stats load",), ("event-stats send-stats",)]
     [(invocations,)] = query(
         lake,
         "select count(*) from ops.build_log join ducklake_snapshots('warehouse') "
-        "on commit_author = 'dbt' and commit_message = invocation_id",
+        "on author = 'dbt' and commit_message = invocation_id",
     )
     assert invocations == 2  # each build's ledger row leads to the snapshot it published

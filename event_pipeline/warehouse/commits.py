@@ -45,9 +45,17 @@ def is_commit_conflict(error: BaseException) -> bool:
     return isinstance(error, duckdb.Error) and is_conflict_message(str(error))
 
 
-def is_conflict_message(message: str) -> bool:
-    """Whether an error message (DuckDB's, or dbt's quoting it) tells of a commit race."""
-    return any(text in message for text in _CONFLICT_MESSAGES)
+# dbt creates a relation after checking that it does not exist (a seed's table, a view renamed
+# into place): when another dbt did the same in between, the create or rename fails. Measured
+# with two `dbt build`s of different dates at once; the rerun finds the relation and goes on.
+_DDL_RACE_MESSAGES = ("already exists!",)
+
+
+def is_conflict_message(message: str, *, ddl: bool = False) -> bool:
+    """Whether an error message (DuckDB's, or dbt's quoting it) tells of a commit race; with
+    `ddl`, also of a race between two creators of one relation (dbt's)."""
+    races = _CONFLICT_MESSAGES + (_DDL_RACE_MESSAGES if ddl else ())
+    return any(text in message for text in races)
 
 
 def retry_delay(attempt: int) -> float:

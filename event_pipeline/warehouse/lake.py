@@ -23,6 +23,8 @@ from pathlib import Path
 
 import duckdb
 
+from event_pipeline.warehouse import commits
+
 CATALOG_NAME = "warehouse"
 CATALOG_FILE = "catalog.sqlite"
 DATA_DIR = "data"
@@ -83,7 +85,11 @@ def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
         # In-memory DuckDB spills to ./.tmp by default; keep spill files beside the data.
         connection.execute(f"set temp_directory = '{_quoted(path / 'tmp')}'")
         install_extensions(connection)
-        connection.execute(attach_sql(path, read_only=read_only))
+        # Two first writers at once both create the catalog's tables: one loses, then finds them.
+        commits.retry_on_conflict(
+            lambda: connection.execute(attach_sql(path, read_only=read_only)),
+            what=f"Attaching the DuckLake {path}",
+        )
         connection.execute(f"use {CATALOG_NAME}")
         yield connection
     finally:
@@ -136,7 +142,7 @@ def current_snapshot(connection: duckdb.DuckDBPyConnection) -> int | None:
 def label_commit(
     connection: duckdb.DuckDBPyConnection, author: str, message: str, extra_info: str = ""
 ) -> None:
-    """Label the snapshot the open transaction will commit (ducklake_snapshots' commit_author,
+    """Label the snapshot the open transaction will commit (ducklake_snapshots' author,
     commit_message, commit_extra_info), so that a ledger row leads to the snapshot it wrote.
     Nothing on a DuckDB file."""
     if is_lake_connection(connection):
