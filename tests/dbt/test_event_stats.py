@@ -230,8 +230,17 @@ def test_docs_generate_describes_every_column_of_every_model(wh: Warehouse) -> N
     assert (stats["schema"], stats["name"]) == ("analytics", "event_stats")
 
 
-def test_failed_insert_rolls_back_the_delete(wh: Warehouse) -> None:
-    """Delete and insert are one transaction: when the insert fails, the old rows stay."""
+def test_failed_insert_rolls_back_the_delete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delete and insert are one transaction: when the insert fails, the old rows stay. On a
+    DuckDB file: a DuckLake has no CHECK constraint to make the insert fail (on a lake the
+    publish is one snapshot: tests/test_ducklake.py)."""
+    path = tmp_path / "warehouse.duckdb"
+    monkeypatch.setenv("WAREHOUSE_PATH", str(path))
+    with warehouse.connect(path) as connection:
+        warehouse.ensure_raw_schema(connection)
+    wh = Warehouse(path=path, dbt_dir=tmp_path)
     fill(wh)
     wh.build()
     before = wh.stats()
