@@ -10,9 +10,9 @@ noticed. Clearing the task checks again.
 - Scheduled at 06:00 UTC for the day that ended six hours before: event_stats runs at 00:00 for
   the same day, and six hours leave room for its retries. A check that ran before event_stats
   finished reports the day as not loaded; the next day's check covers it again.
-- It reads the warehouse in one brief read-only connection. DuckDB lets one process hold the
-  file, and a reader blocks writers too, so the task runs in the same one-slot pool as the
-  event_stats tasks: it waits for a slot instead of for the file lock.
+- It reads the warehouse in one brief read-only connection, in the pool of the event_stats
+  tasks: on a DuckLake (the default) a reader blocks nothing; on a DuckDB file a reader blocks
+  writers too, and the pool's one slot makes it wait for a slot instead of for the file lock.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from event_pipeline.report import SendResult
 
+WAREHOUSE_HELP = "DuckLake directory, or a .duckdb file (default: $WAREHOUSE_PATH)"
+
 
 def _serve_events(args: argparse.Namespace) -> int:
     from event_pipeline.events.server import ServerConfig, serve
@@ -165,6 +167,8 @@ def _sql(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # the reader stopped early (`| head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        session.close()
 
 
 def _add_sql_parser(commands: argparse._SubParsersAction) -> None:
@@ -181,7 +185,11 @@ def _add_sql_parser(commands: argparse._SubParsersAction) -> None:
         default="table",
         help="json: an array of objects, one per row, per statement (default: table)",
     )
-    sql.add_argument("--warehouse", type=Path, help="DuckDB file (default: $WAREHOUSE_PATH)")
+    sql.add_argument(
+        "--warehouse",
+        type=Path,
+        help="DuckLake directory or .duckdb file (default: $WAREHOUSE_PATH)",
+    )
     sql.set_defaults(handler=_sql)
 
 
@@ -229,7 +237,7 @@ def _add_status_parser(commands: argparse._SubParsersAction) -> None:
         "later if a later date was loaded)",
     )
     parser.add_argument("--json", action="store_true", help="the documented JSON object")
-    parser.add_argument("--warehouse", type=Path, help="DuckDB file (default: $WAREHOUSE_PATH)")
+    parser.add_argument("--warehouse", type=Path, help=WAREHOUSE_HELP)
     parser.set_defaults(handler=_status)
 
 
@@ -352,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--end", type=_iso_date, help="YYYY-MM-DD, exclusive (default: start + 1 day)"
     )
     load.add_argument("--api-url", help="events API base URL (default: $EVENTS_API_URL)")
-    load.add_argument("--warehouse", type=Path, help="DuckDB file (default: $WAREHOUSE_PATH)")
+    load.add_argument("--warehouse", type=Path, help=WAREHOUSE_HELP)
     load.add_argument("--run-id", help="recorded in raw.load_log (default: manual-<time>)")
     load.set_defaults(handler=_load)
 
@@ -384,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         "send-stats", help="email one date's stats (once per recipient and content)"
     )
     send.add_argument("--date", type=_iso_date, required=True, help="YYYY-MM-DD")
-    send.add_argument("--warehouse", type=Path, help="DuckDB file (default: $WAREHOUSE_PATH)")
+    send.add_argument("--warehouse", type=Path, help=WAREHOUSE_HELP)
     send.add_argument(
         "--outbox", action="store_true", help="write to the outbox even if SMTP is configured"
     )

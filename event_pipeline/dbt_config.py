@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -27,10 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from event_pipeline import settings
+from event_pipeline.warehouse import commits
 
 if TYPE_CHECKING:
     from cosmos import ExecutionConfig, ProfileConfig, ProjectConfig, RenderConfig
     from dbt.cli.main import dbtRunnerResult
+
+log = logging.getLogger(__name__)
 
 PROFILE_NAME = "event_stats"
 # dbt_manifest's cache, inside the project's (git-ignored) target/: <key>/manifest.json.
@@ -272,7 +276,10 @@ def run_dbt(
 
     `dbt_vars` become --vars (e.g. date_vars(day)); `warehouse_path` defaults to
     settings.warehouse_path(). Returns dbt's result; raises DbtRunError with dbt's message when
-    the command fails (a failing test included). Sets environment variables while dbt runs, so
+    the command fails (a failing test included). On a DuckLake, a command that fails because
+    another process committed first (a model is rolled back whole), or created the same
+    relation at the same moment (a seed, a view), runs again, up to
+    settings.warehouse_commit_attempts() times. Sets environment variables while dbt runs, so
     do not call it from several threads at once.
     """
     from dbt.cli.main import dbtRunner
@@ -287,8 +294,26 @@ def run_dbt(
     if dbt_vars:
         command += ["--vars", format_vars(dbt_vars)]
     env = dbt_env(warehouse_path)
-    with _environment(env):
-        result = dbtRunner().invoke(command)
+    attempts = settings.warehouse_commit_attempts()
+    for attempt in range(1, attempts + 1):
+        with _environment(env):
+            result = dbtRunner().invoke(command)
+        if result.success or attempt == attempts:
+            break
+        message = _failure_message(result)
+        if not commits.is_conflict_message(message, ddl=True):
+            break
+        delay = commits.retry_delay(attempt)
+        log.warning(
+            "`dbt %s` lost a commit race on the warehouse (attempt %d of %d: %s); each model "
+            "commits whole or not at all, so the command runs again in %.2f s",
+            " ".join(args),
+            attempt,
+            attempts,
+            message,
+            delay,
+        )
+        time.sleep(delay)
     if not result.success:
         shown_vars = format_vars(dbt_vars) if dbt_vars else "none (every date)"
         raise DbtRunError(

@@ -47,15 +47,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
 import duckdb
 
 from event_pipeline import settings, sources, warehouse
-from event_pipeline.warehouse import raw
+from event_pipeline.warehouse import commits, lake, raw
 from event_pipeline.warehouse.raw import partition_checksum  # noqa: F401 (tests and tools use it)
 
 log = logging.getLogger(__name__)
@@ -310,6 +311,7 @@ def _check_not_stored_elsewhere(
     corrected). Inside the window the replace itself moves the event. The remedy is therefore
     one load whose window spans both the stored dates and this window: it works for events
     moved forwards, backwards, or swapped between dates (one at a time would refuse in turn).
+    The check runs in the write's transaction (_compare_and_write).
     """
     found = raw.stored_elsewhere(connection, sources.STAGED, window.start, window.end)
     if found is None:
@@ -365,13 +367,28 @@ def _stage(
         )
     if duplicates:
         log.warning("%s: %d repeated event_id(s) in the delivery, stored once", window, duplicates)
-    _check_not_stored_elsewhere(connection, window, source, end)
-    dates = raw.compare_staged(connection, sources.STAGED, window.start, window.end)
-    return _Staged(window, url, dates, outside, started)
+    return _Staged(window, url, [], outside, started)
+
+
+def _compare_and_write(
+    connection: duckdb.DuckDBPyConnection, staged: _Staged, source: _Source, end: date, run_id: str
+) -> list[LoadResult]:
+    """In ONE transaction: compare the stage with raw.events, then write (`_write`). On a
+    DuckLake, when another process commits meanwhile, the COMMIT fails, nothing is written, and
+    `commits.retry_on_conflict` runs this again, comparing with what that process committed."""
+    window = staged.window
+    with commits.transaction(connection):
+        lake.label_commit(connection, "event-stats load", run_id, str(window))
+        _check_not_stored_elsewhere(connection, window, source, end)
+        dates = raw.compare_staged(connection, sources.STAGED, window.start, window.end)
+        results = _write(connection, replace(staged, dates=dates), run_id)
+    log.debug("%s: committed", window)
+    return results
 
 
 def _write(connection: duckdb.DuckDBPyConnection, staged: _Staged, run_id: str) -> list[LoadResult]:
-    """Replace the window's changed partitions and write its ledger rows in ONE transaction."""
+    """Replace the window's changed partitions and write its ledger rows (in the caller's
+    transaction)."""
     loaded_at = datetime.now(UTC).replace(tzinfo=None)
     entries = []
     for day in staged.dates:
@@ -398,7 +415,6 @@ def _write(connection: duckdb.DuckDBPyConnection, staged: _Staged, run_id: str) 
         sum(day.rows for day in changed),
     )
     raw.replace_partitions(connection, entries, sources.STAGED)
-    log.debug("%s: committed", staged.window)
     seconds = time.monotonic() - staged.started
     return [
         LoadResult(
@@ -548,10 +564,16 @@ def _load_windows(
                 pending = _Prefetch(source, directory, windows[index + 1])
             try:
                 with warehouse.connect(source.warehouse_path) as connection:
-                    raw.prepare_load(connection, settings.loader_memory_limit())
+                    commits.retry_on_conflict(
+                        lambda: raw.prepare_load(connection, settings.loader_memory_limit()),
+                        what="Creating the raw tables",
+                    )
                     staged = _stage(connection, window, download.path, source, end)
                     with interrupts.deferred():
-                        loaded = _write(connection, staged, run_id)
+                        loaded = commits.retry_on_conflict(
+                            partial(_compare_and_write, connection, staged, source, end, run_id),
+                            what=f"The load of {window}",
+                        )
                         results.extend(loaded)
             finally:
                 download.path.unlink(missing_ok=True)

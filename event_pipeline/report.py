@@ -6,11 +6,14 @@ sends nothing; changed stats send an updated email that names the one it replace
 In-Reply-To and References headers, and a sentence in the body).
 
 Order of work, so that a crash or a failure at any point neither loses nor repeats an email:
-1. open the warehouse and keep it open (DuckDB's file lock) until the end: no other process can
-   take the warehouse between a send and its ledger update;
-2. refuse a date whose stats were never built (ops.build_log);
-3. record every email about to be sent as a 'sending' row, committed (the intent);
-4. send each; mark it 'sent', or remove the row when the transport says the email was certainly
+1. take the date's email lock and keep it until the end: no other send of the date can run
+   between a send and its ledger update (on a DuckDB file, its file lock, held by the open
+   connection; on a DuckLake, warehouse.exclusive, an OS lock beside the catalog);
+2. in ONE transaction: refuse a date whose stats were never built (ops.build_log), read the
+   stats and the ledger, and record every email about to be sent as a 'sending' row (the
+   intent, with the DuckLake snapshot its numbers come from); on a lake a concurrent commit
+   makes it run again (commits.retry_on_conflict), reading what that commit wrote;
+3. send each; mark it 'sent', or remove the row when the transport says the email was certainly
    not accepted. If marking fails, the email still went out: a warning, not a failure.
 A rerun that finds a 'sending' row for the same content resumes it with the same Message-ID: with
 the outbox backend the row's outbox file tells whether it was written (then nothing is sent);
@@ -37,13 +40,14 @@ from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from email.message import EmailMessage
 from email.utils import formatdate, getaddresses
+from functools import partial
 from pathlib import Path
 
 import duckdb
 
 from event_pipeline import chart, mail, settings, warehouse
 from event_pipeline.mail import Recipient, SmtpSettings
-from event_pipeline.warehouse import email_log, stats
+from event_pipeline.warehouse import commits, email_log, lake, stats
 from event_pipeline.warehouse.email_log import SENDING, SENT, EmailLogEntry
 from event_pipeline.warehouse.stats import DailyTotal, DayStats
 
@@ -334,19 +338,52 @@ def _plans(
     return plans
 
 
+def _record_plans(
+    connection: duckdb.DuckDBPyConnection,
+    event_date: date,
+    recipients: list[Recipient],
+    *,
+    domain: str,
+    backend: str,
+) -> tuple[DayStats, tuple[DailyTotal, ...], list[_Plan]]:
+    """In ONE transaction: read the built stats (and the chart's days) and the ledger, decide
+    each recipient's email, and record the intents. A refusal (StatsNotBuiltError) writes
+    nothing."""
+    with commits.transaction(connection):
+        day = read_built_stats(connection, event_date)
+        history = read_history(connection, event_date)
+        email_log.ensure_email_log(connection)
+        lake.label_commit(connection, "event-stats send-stats", str(event_date))
+        snapshot = lake.current_snapshot(connection)
+        plans = _plans(connection, day, recipients, domain=domain, backend=backend)
+        plans = [
+            replace(p, entry=replace(p.entry, snapshot_id=snapshot)) if p.action == "new" else p
+            for p in plans
+        ]
+        email_log.record_intents(
+            connection,
+            new=[p.entry for p in plans if p.action == "new"],
+            retried=[p.entry for p in plans if p.action == "retry"],
+        )
+    return day, history, plans
+
+
 def _record_outcome(
     connection: duckdb.DuckDBPyConnection, plan: _Plan, error: mail.MailDeliveryError | None
 ) -> None:
     """Best effort: the email's fate is decided; a ledger that cannot record it is a warning."""
     entry = plan.entry
+    if error is None:
+        record = email_log.mark_sent
+    elif error.maybe_delivered or plan.maybe_delivered:
+        record = partial(email_log.mark_unknown, error=str(error))
+    else:
+        record = email_log.forget
     try:
-        if error is None:
-            email_log.mark_sent(connection, entry)
-        elif error.maybe_delivered or plan.maybe_delivered:
-            email_log.mark_unknown(connection, entry, str(error))
-        else:
-            email_log.forget(connection, entry)
-    except duckdb.Error as failure:
+        commits.retry_on_conflict(
+            lambda: record(connection, entry), what=f"Recording stats email {entry.message_id}"
+        )
+    except (duckdb.Error, commits.CommitConflictError) as failure:
         log.warning(
             "Stats email %s to %s: %s, but ops.email_log could not record it (%s). A rerun "
             "finds the row 'sending': the outbox backend looks for its file and sends nothing "
@@ -476,13 +513,9 @@ def send_stats_dates(
     results: list[SendResult] = []
     failed: list[SendStatsError] = []
     with warehouse.connect(warehouse_path) as connection:
-        for number, event_date in enumerate(event_dates):
-            # Before any write: a refusal of the first date writes nothing.
-            day = read_built_stats(connection, event_date)
-            if number == 0:
-                email_log.ensure_email_log(connection)
+        for event_date in event_dates:
             try:
-                results += _send_day(connection, day, targets, transport)
+                results += _send_day(connection, event_date, targets, transport, warehouse_path)
             except SendStatsError as error:
                 results += error.results
                 failed.append(error)
@@ -507,38 +540,45 @@ class _Transport:
 
 def _send_day(
     connection: duckdb.DuckDBPyConnection,
-    day: DayStats,
+    event_date: date,
     targets: list[Recipient],
     transport: _Transport,
+    warehouse_path: Path | None,
 ) -> list[SendResult]:
-    """Record the intents of one date's emails, send them, raise SendStatsError on failures."""
+    """Record the intents of one date's emails (one transaction, retried on a commit race),
+    send them, raise SendStatsError on failures. The date's lock is held from the read to the
+    last mark, so another sender never sees this one's intents as left by a crash."""
     results: list[SendResult] = []
     failures: list[str] = []
-    history = read_history(connection, day.event_date)
-    plans = _plans(connection, day, targets, domain=transport.domain, backend=transport.backend)
-    email_log.record_intents(
-        connection,
-        new=[p.entry for p in plans if p.action == "new"],
-        retried=[p.entry for p in plans if p.action == "retry"],
-    )
-    for plan in plans:
-        try:
-            results.append(
-                _send_one(
-                    connection,
-                    plan,
-                    day,
-                    history=history,
-                    sender=transport.sender,
-                    smtp=transport.smtp,
-                    outbox_dir=transport.outbox_dir,
+    with warehouse.exclusive(f"email-{event_date}", warehouse_path):
+        day, history, plans = commits.retry_on_conflict(
+            lambda: _record_plans(
+                connection,
+                event_date,
+                targets,
+                domain=transport.domain,
+                backend=transport.backend,
+            ),
+            what=f"Recording the stats emails of {event_date} in ops.email_log",
+        )
+        for plan in plans:
+            try:
+                results.append(
+                    _send_one(
+                        connection,
+                        plan,
+                        day,
+                        history=history,
+                        sender=transport.sender,
+                        smtp=transport.smtp,
+                        outbox_dir=transport.outbox_dir,
+                    )
                 )
-            )
-        except mail.MailDeliveryError as error:
-            failures.append(str(error))
+            except mail.MailDeliveryError as error:
+                failures.append(str(error))
     if failures:
         raise SendStatsError(
-            f"The stats email for {day.event_date} was not sent to {len(failures)} of "
+            f"The stats email for {event_date} was not sent to {len(failures)} of "
             f"{len(plans)} recipient(s):\n- " + "\n- ".join(failures),
             results,
         )

@@ -22,10 +22,10 @@ def _path(name: str, default: Path) -> Path:
 def warehouse_path() -> Path:
     """The warehouse ($WAREHOUSE_PATH): raw.events, analytics.event_stats and the ledgers.
 
-    A path ending in `.duckdb` is one DuckDB file (the default); any other path is a DuckLake
-    directory, PATH/catalog.sqlite and PATH/data/ (opt-in; see docs/STORAGE.md).
+    A DuckLake directory (the default, data/warehouse): PATH/catalog.sqlite and PATH/data/. A
+    path ending in `.duckdb` is one DuckDB file instead (see docs/STORAGE.md).
     """
-    return _path("WAREHOUSE_PATH", REPO_ROOT / "data" / "warehouse.duckdb")
+    return _path("WAREHOUSE_PATH", REPO_ROOT / "data" / "warehouse")
 
 
 def warehouse_catalog() -> str:
@@ -171,14 +171,23 @@ def warehouse_lock_timeout() -> float:
     return float(os.environ.get("WAREHOUSE_LOCK_TIMEOUT", "300"))
 
 
-# Airflow pool with one slot that every task opening the DuckDB file runs in.
-WAREHOUSE_POOL = "duckdb_warehouse"
+def warehouse_commit_attempts() -> int:
+    """Attempts of a warehouse transaction that loses a commit race on a DuckLake (another
+    process committed first) before the task fails; each retry runs the whole transaction."""
+    return max(1, int(os.environ.get("WAREHOUSE_COMMIT_ATTEMPTS", "8")))
 
 
 def warehouse_pool_slots() -> int:
-    """Slots of WAREHOUSE_POOL ($WAREHOUSE_POOL_SLOTS, default 1): how many tasks use the
-    warehouse at once. A DuckDB file allows one writer: more than 1 needs a DuckLake."""
-    return max(1, int(os.environ.get("WAREHOUSE_POOL_SLOTS", "1")))
+    """Slots of the Airflow pool WAREHOUSE_POOL: tasks that may write the warehouse at once.
+    Default 3 on a DuckLake (commit races are retried) and 1 on a DuckDB file (one writer)."""
+    from event_pipeline.warehouse import lake
+
+    default = "3" if lake.is_lake(warehouse_path()) else "1"
+    return max(1, int(os.environ.get("WAREHOUSE_POOL_SLOTS", default)))
+
+
+# Airflow pool (warehouse_pool_slots() slots) that every task opening the warehouse runs in.
+WAREHOUSE_POOL = "duckdb_warehouse"
 
 
 def airflow_home() -> Path:

@@ -81,7 +81,17 @@ def raw_source() -> Iterator[RawHttpServer]:
 
 @pytest.fixture
 def warehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh DuckDB file path in a temp dir, also exported as $WAREHOUSE_PATH."""
+    """A fresh warehouse path in a temp dir (a DuckLake directory, the default storage), also
+    exported as $WAREHOUSE_PATH."""
+    path = tmp_path / "warehouse"
+    monkeypatch.setenv("WAREHOUSE_PATH", str(path))
+    return path
+
+
+@pytest.fixture
+def duckdb_file_warehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh warehouse path of the other storage, one DuckDB file (`.duckdb`), also exported
+    as $WAREHOUSE_PATH."""
     path = tmp_path / "warehouse.duckdb"
     monkeypatch.setenv("WAREHOUSE_PATH", str(path))
     return path

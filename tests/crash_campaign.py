@@ -616,7 +616,7 @@ class Options:
     work: Path | None = None
     keep: bool = False
     docs: bool = True
-    storage: str = "duckdb"
+    storage: str = "lake"
 
 
 @dataclass
@@ -789,8 +789,8 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--storage",
         choices=["duckdb", "lake"],
-        default="duckdb",
-        help="the warehouse as one DuckDB file (default) or a DuckLake directory",
+        default="lake",
+        help="the warehouse as a DuckLake directory (default) or one DuckDB file",
     )
     args = parser.parse_args(argv)
     steps = tuple(s.strip() for s in args.steps.split(",") if s.strip())

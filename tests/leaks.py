@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import duckdb
-
 
 def pieces(secret: str) -> list[str]:
     """The secret and its first and last 12 characters: a truncated copy is a leak too."""
@@ -24,13 +22,18 @@ def assert_absent(secrets: list[str], texts: list[str], blobs: list[bytes] = ())
 
 
 def warehouse_text(path: Path) -> str:
-    """Every value of every table of a DuckDB warehouse file, as text ('' when there is none)."""
+    """Every value of every table of a warehouse (a DuckLake directory or a DuckDB file), as text
+    ('' when there is none)."""
+    from event_pipeline import warehouse
+
     if not path.exists():
         return ""
-    with duckdb.connect(str(path), read_only=True) as connection:
+    with warehouse.connect(path, read_only=True) as connection:
         tables = connection.execute(
-            "select table_schema, table_name from information_schema.tables"
+            "select table_schema, table_name from information_schema.tables "
+            "where table_catalog = current_database()"
         ).fetchall()
+        assert tables, f"no tables in {path}"
         rows = [
             connection.execute(f'select * from "{schema}"."{name}"').fetchall()
             for schema, name in tables

@@ -8,8 +8,9 @@ from datetime import date
 from email.message import EmailMessage
 from pathlib import Path
 
-import duckdb
 import pytest
+
+from event_pipeline import warehouse
 
 DAY = date(2026, 1, 5)
 OTHER_DAY = date(2026, 1, 6)
@@ -20,7 +21,7 @@ def write_stats(
 ) -> None:
     """Replace analytics.event_stats with `rows` and record a build of their dates and of `built`
     in ops.build_log, as dbt's event_stats model and its post-hook do (same shapes)."""
-    with duckdb.connect(str(path)) as connection:
+    with warehouse.connect(path) as connection:
         connection.execute("create schema if not exists analytics")
         connection.execute("create schema if not exists ops")
         connection.execute(
@@ -43,7 +44,7 @@ def write_stats(
 
 
 def table(path: Path, sql: str) -> list[tuple]:
-    with duckdb.connect(str(path), read_only=True) as connection:
+    with warehouse.connect(path, read_only=True) as connection:
         return connection.execute(sql).fetchall()
 
 
@@ -57,10 +58,8 @@ def bodies(message: EmailMessage) -> tuple[str, str]:
     return text, body_html
 
 
-@pytest.fixture(name="stats_db")
-def stats_db_fixture(tmp_path: Path) -> Path:
-    """A warehouse with built stats of DAY (18 events, 3 users) and OTHER_DAY."""
-    path = tmp_path / "warehouse.duckdb"
+def sample_stats(path: Path) -> Path:
+    """Built stats of DAY (18 events, 3 users) and OTHER_DAY in the warehouse at `path`."""
     write_stats(
         path,
         [
@@ -71,3 +70,9 @@ def stats_db_fixture(tmp_path: Path) -> Path:
         ],
     )
     return path
+
+
+@pytest.fixture(name="stats_db")
+def stats_db_fixture(tmp_path: Path) -> Path:
+    """A warehouse (a DuckLake, the default storage) with sample_stats."""
+    return sample_stats(tmp_path / "warehouse")

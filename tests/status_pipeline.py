@@ -82,7 +82,7 @@ def start_pipeline(tmp_path: Path, events_api, monkeypatch) -> StatusPipeline:
     data_dir = tmp_path / "events"
     data_dir.mkdir()
     pipeline = StatusPipeline(
-        warehouse=tmp_path / "warehouse.duckdb",
+        warehouse=tmp_path / "warehouse",
         data_dir=data_dir,
         outbox=tmp_path / "outbox",
         dbt_dir=tmp_path / "dbt",

@@ -359,7 +359,7 @@ def test_a_range_loads_what_per_date_loads_load_in_one_request(events_api, wareh
     url = events_api(data_dir=data)
     end = D + timedelta(days=5)
     results = load_range(D, end, api_url=url, warehouse_path=warehouse)
-    per_date = tmp_path / "per-date.duckdb"
+    per_date = tmp_path / "per-date"
     for offset in range(5):
         day = D + timedelta(days=offset)
         load_range(day, api_url=url, warehouse_path=per_date)
@@ -387,7 +387,7 @@ def test_generated_days_load_what_per_date_loads_load(events_api, warehouse, tmp
     url = events_api(events_per_day=50)
     end = D + timedelta(days=60)
     load_range(D, end, api_url=url, warehouse_path=warehouse)
-    per_date = tmp_path / "per-date.duckdb"
+    per_date = tmp_path / "per-date"
     load_range(D, end, api_url=url, warehouse_path=per_date, days_per_request=1)
     assert content(warehouse) == content(per_date)
     assert len(content(warehouse)) == 60 * 50
@@ -714,9 +714,11 @@ def test_accepts_ndjson_and_refuses_an_empty_body_that_proves_nothing(static_sou
 # --- the writer lock ---------------------------------------------------------------------------
 
 
-def test_waits_for_another_writer_then_loads(static_source, warehouse):
+def test_waits_for_another_writer_then_loads(static_source, duckdb_file_warehouse):
+    """On a DuckDB file, held by another process (a lake has no lock)."""
     from test_warehouse import hold_lock
 
+    warehouse = duckdb_file_warehouse
     write, url = static_source
     write([event("a", "2019-01-01T01:00:00Z")])
     holder = hold_lock(warehouse, 1.5)
@@ -729,9 +731,12 @@ def test_waits_for_another_writer_then_loads(static_source, warehouse):
         holder.wait()
 
 
-def test_gives_up_on_a_held_lock_naming_the_holder(static_source, warehouse, monkeypatch):
+def test_gives_up_on_a_held_lock_naming_the_holder(
+    static_source, duckdb_file_warehouse, monkeypatch
+):
     from test_warehouse import hold_lock
 
+    warehouse = duckdb_file_warehouse
     monkeypatch.setenv("WAREHOUSE_LOCK_TIMEOUT", "1")
     _, url = static_source
     holder = hold_lock(warehouse, 60)
@@ -818,8 +823,10 @@ def kill_during_write(command: list[str], warehouse: Path, old_file: Path, delay
     ids=["one-large-date", "a-30-day-range"],
 )
 def test_sigkill_leaves_every_date_of_the_request_complete_old_or_complete_new(
-    events_api, warehouse, days, old_volume, new_volume
+    events_api, duckdb_file_warehouse, days, old_volume, new_volume
 ):
+    """On a DuckDB file (tests/test_ducklake.py kills a load on a DuckLake)."""
+    warehouse = duckdb_file_warehouse
     dates = [D + timedelta(days=i) for i in range(days)]
     end = D + timedelta(days=days)
     load_range(D, end, api_url=events_api(events_per_day=old_volume), warehouse_path=warehouse)

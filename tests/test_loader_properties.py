@@ -10,6 +10,9 @@ A small Python model says what a delivery must store: records dated on the day's
 per event_id (a copy dated on the day first, then the earliest), every record without an
 event_id its own event. One server per test serves every example: the test-only raw server
 (re-scripted per example) or the events API in replay mode (it re-reads its files per request).
+The warehouse is a DuckDB file: what is tested happens before the write, whatever the storage,
+and opening a file is cheaper than attaching a DuckLake, for many examples (test_loader.py and
+test_ducklake.py run the loader on a lake).
 """
 
 from __future__ import annotations

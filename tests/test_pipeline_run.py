@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -13,12 +14,11 @@ import time
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
-import duckdb
 import psutil
 import pytest
 from smtp_fixtures import free_port
 
-from event_pipeline import pipeline
+from event_pipeline import pipeline, warehouse
 from event_pipeline.events.generator import generate_day
 from event_pipeline.warehouse.email_log import SENDING, SENT
 from event_pipeline.warehouse.stats import BuildRecord
@@ -34,7 +34,7 @@ def _port_in_use(port: int) -> bool:
 def run_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)  # the session's temp AIRFLOW_HOME (tests/conftest.py)
     env.update(
-        WAREHOUSE_PATH=str(tmp_path / "data" / "warehouse.duckdb"),
+        WAREHOUSE_PATH=str(tmp_path / "data" / "warehouse"),
         EMAIL_OUTBOX_DIR=str(tmp_path / "data" / "outbox"),
     )
     return env
@@ -46,7 +46,7 @@ def _run(env: dict[str, str], port: int, *args: str) -> subprocess.CompletedProc
 
 
 def _tables(path: str) -> list[list[tuple]]:
-    with duckdb.connect(path, read_only=True) as connection:
+    with warehouse.connect(Path(path), read_only=True) as connection:
         return [
             connection.execute(sql).fetchall()
             for sql in (
@@ -160,7 +160,7 @@ def _running(process: psutil.Process) -> bool:
 
 def _partitions(path: str) -> dict[str, dict]:
     """Per date: raw.events rows, analytics.event_stats rows, and the stats raw.events gives."""
-    with duckdb.connect(path, read_only=True) as connection:
+    with warehouse.connect(Path(path), read_only=True) as connection:
 
         def per_date(sql: str) -> dict[date, dict[str, int]]:
             found: dict[date, dict[str, int]] = {}
@@ -273,3 +273,88 @@ def test_the_summary_tells_emails_sent_now_earlier_and_unconfirmed_apart(warehou
     assert f"{cut_off} to {update_cut_off} (2 dates)  email_unconfirmed" in printed
     assert f"{never}  email_not_sent" in printed
     assert f"event-stats status --warehouse {warehouse} --start {days[0]} --end" in printed
+
+
+# One statement, so one snapshot: every date's rows against its latest ledger row, for raw.events
+# (raw.load_log) and analytics.event_stats (ops.build_log). A partial partition shows as torn.
+CONSISTENCY = """
+with
+    events as (select event_date, count(*) as n from raw.events group by all),
+    loads as (select event_date, arg_max(rows, loaded_at) as n from raw.load_log group by all),
+    stats as (select event_date, sum(event_count) as n from analytics.event_stats group by all),
+    builds as (select event_date, arg_max(events, built_at) as n from ops.build_log group by all)
+select
+    (select count(*) from loads) as dates,
+    (select count(*) from loads full join events using (event_date)
+        where coalesce(loads.n, 0) <> coalesce(events.n, 0)) as torn_raw,
+    (select count(*) from builds full join stats using (event_date)
+        where coalesce(builds.n, 0) <> coalesce(stats.n, 0)) as torn_stats;
+"""
+
+
+class _ReaderSession:
+    """`event-stats sql --format json` reading statements from a pipe, asked CONSISTENCY again
+    and again (a pause of `pause` s between answers) until stopped."""
+
+    def __init__(self, env: dict[str, str], pause: float = 0.2) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "event_pipeline.cli", "sql", "--format", "json"],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.answers: list[dict] = []
+        self.pause = pause
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._ask, daemon=True)
+        self._thread.start()
+
+    def _ask(self) -> None:
+        query = " ".join(CONSISTENCY.split()) + "\n"
+        while not self._stop.is_set():
+            self.process.stdin.write(query)
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+            if not line:
+                return
+            self.answers.extend(json.loads(line))
+            time.sleep(self.pause)
+
+    def stop(self) -> str:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        return self.process.stderr.read()
+
+
+@pytest.mark.e2e
+def test_a_sql_session_querying_through_a_run_neither_blocks_it_nor_sees_a_partial_date(run_env):
+    """The issue's first wall: a SQL session open on the warehouse. On the DuckLake, a session
+    kept open and querying throughout `event-stats run` (load, dbt, email through Airflow) does
+    not fail or noticeably slow the run, and every answer holds whole partitions only."""
+    port = free_port()
+    started = time.monotonic()
+    alone = _run(run_env, port, "--start", "2026-03-01", "--end", "2026-03-03")
+    alone_seconds = time.monotonic() - started
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+
+    reader = _ReaderSession(run_env)
+    try:
+        started = time.monotonic()
+        read = _run(run_env, port, "--start", "2026-03-03", "--end", "2026-03-05")
+        with_reader_seconds = time.monotonic() - started
+    finally:
+        errors = reader.stop()
+    assert read.returncode == 0, read.stdout + read.stderr
+    assert reader.process.returncode == 0, errors
+    print(
+        f"`event-stats run` of 2 dates: alone {alone_seconds:.0f} s, with a SQL session "
+        f"querying {len(reader.answers)} times through it {with_reader_seconds:.0f} s"
+    )
+    assert len(reader.answers) >= 20
+    assert [a for a in reader.answers if a["torn_raw"] or a["torn_stats"]] == []
+    assert reader.answers[0]["dates"] == 2 and reader.answers[-1]["dates"] == 4
+    assert with_reader_seconds < 2 * alone_seconds + 60

@@ -6,20 +6,20 @@ from datetime import date
 from email.headerregistry import Address
 from pathlib import Path
 
-import duckdb
 import pytest
 from report_fixtures import (  # noqa: F401 (stats_db_fixture is the stats_db fixture)
     DAY,
     OTHER_DAY,
     bodies,
     read_eml,
+    sample_stats,
     stats_db_fixture,
     table,
     write_stats,
 )
 from smtp_fixtures import smtp_server_fixture  # noqa: F401 (the smtp_server fixture)
 
-from event_pipeline import mail, report
+from event_pipeline import mail, report, warehouse
 from event_pipeline.report import send_stats
 
 
@@ -227,14 +227,14 @@ def test_a_date_never_built_is_refused_and_nothing_is_sent(stats_db: Path, tmp_p
 
 
 def test_a_warehouse_without_any_build_is_refused(tmp_path: Path):
-    path = tmp_path / "empty.duckdb"
+    path = tmp_path / "empty"
     with pytest.raises(report.StatsNotBuiltError, match="2026-01-05 were never built"):
         send_stats(DAY, warehouse_path=path, recipients=["a@example.com"], outbox_dir=tmp_path)
     assert list(tmp_path.glob("*.eml")) == []
 
 
 def test_stats_changed_outside_dbt_are_refused(stats_db: Path, tmp_path: Path):
-    with duckdb.connect(str(stats_db)) as connection:
+    with warehouse.connect(stats_db) as connection:
         connection.execute("delete from analytics.event_stats where user_id = '10.0.0.3'")
 
     with pytest.raises(report.StatsNotBuiltError, match="changed outside dbt"):
@@ -257,12 +257,14 @@ def test_a_new_recipient_gets_the_email_once_and_others_not_again(stats_db: Path
     ]
 
 
-def test_an_older_ledger_is_upgraded_and_its_emails_still_count(stats_db: Path, tmp_path: Path):
+def test_an_older_ledger_is_upgraded_and_its_emails_still_count(tmp_path: Path):
     """A ledger written before intent rows (no status column, sent_at not null, recipients as
-    configured, display name included) is upgraded in place and keeps its meaning."""
+    configured, display name included) is upgraded in place and keeps its meaning. Such
+    ledgers exist in DuckDB files only (a DuckLake's is new)."""
+    stats_db = sample_stats(tmp_path / "warehouse.duckdb")
     outbox = tmp_path / "outbox"
     [sent] = send_stats(DAY, warehouse_path=stats_db, recipients="a@example.com", outbox_dir=outbox)
-    with duckdb.connect(str(stats_db)) as connection:
+    with warehouse.connect(stats_db) as connection:
         connection.execute("alter table ops.email_log rename to email_log_new")
         connection.execute(
             """

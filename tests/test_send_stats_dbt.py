@@ -34,7 +34,7 @@ def build(path: Path, dbt_dir: Path, start: date) -> None:
 @pytest.fixture
 def built_warehouse(tmp_path: Path) -> Path:
     """Raw events on BUILT only; dbt builds BUILT and EMPTY (NEVER_BUILT has no build)."""
-    path = tmp_path / "warehouse.duckdb"
+    path = tmp_path / "warehouse"
     start = datetime(BUILT.year, BUILT.month, BUILT.day, 8)
     rows = [
         (f"e{n}", user, "click", start + timedelta(minutes=n), BUILT, "test-load")

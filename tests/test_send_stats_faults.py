@@ -20,6 +20,7 @@ from aiosmtpd.controller import Controller
 from report_fixtures import (  # noqa: F401 (stats_db_fixture is the stats_db fixture)
     DAY,
     OTHER_DAY,
+    sample_stats,
     stats_db_fixture,
     table,
 )
@@ -30,7 +31,7 @@ from smtp_fixtures import (  # noqa: F401 (the *_fixture names are fixtures)
     smtps_server_fixture,
 )
 
-from event_pipeline import mail, report
+from event_pipeline import mail, report, warehouse
 from event_pipeline.events.process import free_port
 from event_pipeline.mail import SmtpSettings
 from event_pipeline.report import send_stats
@@ -220,8 +221,14 @@ def wait_for(flag: Path, timeout: float) -> bool:
     return False
 
 
+@pytest.fixture
+def stats_file(tmp_path: Path) -> Path:
+    """sample_stats in a DuckDB file (a path ending in .duckdb), which one process holds."""
+    return sample_stats(tmp_path / "warehouse.duckdb")
+
+
 def test_a_process_taking_the_warehouse_after_the_send_does_not_cause_a_second_email(
-    stats_db: Path,
+    stats_file: Path,
     smtp_server: tuple[Recorder, SmtpSettings],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -235,39 +242,39 @@ def test_a_process_taking_the_warehouse_after_the_send_does_not_cause_a_second_e
     holders: list[subprocess.Popen] = []
 
     def take_the_warehouse_while_the_server_accepts(_message: object) -> None:
-        holders.append(hold_warehouse(stats_db, flag, seconds=2))
+        holders.append(hold_warehouse(stats_file, flag, seconds=2))
         wait_for(flag, timeout=1.5)  # it cannot get it while send_stats holds the warehouse
 
     recorder.on_data = take_the_warehouse_while_the_server_accepts
     try:
-        [first] = send_stats(DAY, warehouse_path=stats_db, recipients=TO, smtp=smtp)
+        [first] = send_stats(DAY, warehouse_path=stats_file, recipients=TO, smtp=smtp)
         recorder.on_data = None
         monkeypatch.setenv("WAREHOUSE_LOCK_TIMEOUT", "30")  # the retry waits for the holder
-        [retry] = send_stats(DAY, warehouse_path=stats_db, recipients=TO, smtp=smtp)
+        [retry] = send_stats(DAY, warehouse_path=stats_file, recipients=TO, smtp=smtp)
     finally:
         for holder in holders:
             holder.wait(timeout=30)
     assert flag.exists()  # the other process did take the warehouse, after the send
     assert (first.status, retry.status) == ("sent", "unchanged")
     assert recorder.message_ids() == [first.message_id]
-    assert ledger(stats_db) == [(TO, 1, first.message_id, "sent", 1)]
+    assert ledger(stats_file) == [(TO, 1, first.message_id, "sent", 1)]
 
 
 def test_a_warehouse_held_by_another_process_fails_before_sending(
-    stats_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stats_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setenv("WAREHOUSE_LOCK_TIMEOUT", "1")
     flag = tmp_path / "held"
-    holder = hold_warehouse(stats_db, flag, seconds=60)
+    holder = hold_warehouse(stats_file, flag, seconds=60)
     try:
         assert wait_for(flag, timeout=30)
         with pytest.raises(WarehouseLockedError, match="locked by .*WAREHOUSE_LOCK_TIMEOUT"):
-            send_stats(DAY, warehouse_path=stats_db, recipients=TO, outbox_dir=tmp_path / "out")
+            send_stats(DAY, warehouse_path=stats_file, recipients=TO, outbox_dir=tmp_path / "out")
     finally:
         holder.kill()
         holder.wait(timeout=30)
     assert not (tmp_path / "out").exists()
-    assert ("email_log",) not in table(stats_db, "select table_name from duckdb_tables()")
+    assert ("email_log",) not in table(stats_file, "select table_name from duckdb_tables()")
 
 
 SEND_STATS = """
@@ -313,7 +320,7 @@ def crash_after_outbox_write(path: Path, outbox: Path, *, file_written: bool) ->
     """The state a kill leaves between the outbox file's rename and the ledger's 'sent' mark
     (file_written) or just before the rename (not file_written)."""
     [result] = send_stats(DAY, warehouse_path=path, recipients=TO, outbox_dir=outbox)
-    with report.duckdb.connect(str(path)) as connection:
+    with warehouse.connect(path) as connection:
         connection.execute("update ops.email_log set status = 'sending', sent_at = null")
     if not file_written:
         mail.outbox_path(outbox, TO, result.message_id).unlink()

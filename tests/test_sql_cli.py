@@ -1,4 +1,5 @@
-"""`event-stats sql` as tools and people run it: the real console script on real DuckDB files."""
+"""`event-stats sql` as tools and people run it: the real console script on a real DuckLake (the
+default storage), and on a DuckDB file where its lock matters."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from pathlib import Path
 import duckdb
 import httpx
 import pytest
+
+from event_pipeline import warehouse as wh
 
 EVENT_STATS = str(Path(sys.executable).with_name("event-stats"))
 D = date(2026, 1, 1)
@@ -67,16 +70,26 @@ class _LineReader:
         return self._lines.get(timeout=timeout)
 
 
-@pytest.fixture
-def stats_warehouse(warehouse: Path) -> Path:
-    """$WAREHOUSE_PATH holding analytics.event_stats with STATS_ROWS, closed again."""
-    with duckdb.connect(str(warehouse)) as connection:
+def _write_stats(path: Path) -> Path:
+    with wh.connect(path) as connection:
         connection.execute(
             "create schema analytics; create table analytics.event_stats "
             "(event_date date, user_id varchar, event_count bigint)"
         )
         connection.executemany("insert into analytics.event_stats values (?, ?, ?)", STATS_ROWS)
-    return warehouse
+    return path
+
+
+@pytest.fixture
+def stats_warehouse(warehouse: Path) -> Path:
+    """$WAREHOUSE_PATH (a DuckLake) holding analytics.event_stats with STATS_ROWS, closed again."""
+    return _write_stats(warehouse)
+
+
+@pytest.fixture
+def stats_file(duckdb_file_warehouse: Path) -> Path:
+    """The same in a DuckDB file ($WAREHOUSE_PATH ending in .duckdb): one process holds it."""
+    return _write_stats(duckdb_file_warehouse)
 
 
 # --- formats -----------------------------------------------------------------------------------
@@ -337,7 +350,7 @@ def test_writes_are_refused_and_change_nothing(stats_warehouse):
     ):
         error = one_line_error(sql(statement))
         assert "read-only" in error and "only reads" in error, statement
-    with duckdb.connect(str(stats_warehouse), read_only=True) as connection:
+    with wh.connect(stats_warehouse, read_only=True) as connection:
         rows = connection.execute("select * from analytics.event_stats order by 1, 2").fetchall()
     assert rows == STATS_ROWS
 
@@ -350,8 +363,8 @@ def test_the_statements_before_an_error_are_printed(stats_warehouse):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_a_writer_holding_the_file_past_the_lock_timeout_is_named(stats_warehouse):
-    with duckdb.connect(str(stats_warehouse)):
+def test_a_writer_holding_the_file_past_the_lock_timeout_is_named(stats_file):
+    with duckdb.connect(str(stats_file)):
         result = sql("select 1", env={"WAREHOUSE_LOCK_TIMEOUT": "0.3"})
 
     assert result.returncode == 1 and result.stdout == ""
@@ -360,8 +373,8 @@ def test_a_writer_holding_the_file_past_the_lock_timeout_is_named(stats_warehous
     assert f"PID {os.getpid()}" in error
 
 
-def test_a_statement_waits_for_a_writer_then_answers(stats_warehouse):
-    writer = duckdb.connect(str(stats_warehouse))
+def test_a_statement_waits_for_a_writer_then_answers(stats_file):
+    writer = duckdb.connect(str(stats_file))
     try:
         reader = subprocess.Popen(
             [

@@ -145,7 +145,8 @@ def test_missing_ledgers_mean_nothing_of_that_kind_yet(pipeline: StatusPipeline,
     assert f"status: No warehouse at {pipeline.warehouse}" in empty.stderr
     assert "Traceback" not in empty.stderr
 
-    duckdb.connect(str(pipeline.warehouse)).close()  # a warehouse with no table at all
+    with warehouse.connect(pipeline.warehouse):  # a warehouse with no table at all
+        pass
     nothing = pipeline.status()
     assert nothing.returncode == 0, nothing.stderr
     assert "no dates to report (nothing loaded before " in nothing.stdout
@@ -156,7 +157,8 @@ def test_missing_ledgers_mean_nothing_of_that_kind_yet(pipeline: StatusPipeline,
 
 
 def test_bad_arguments_exit_2(pipeline: StatusPipeline):
-    duckdb.connect(str(pipeline.warehouse)).close()
+    with warehouse.connect(pipeline.warehouse):
+        pass
     done = pipeline.status("--start", str(D2), "--end", str(D1))
     assert done.returncode == status.EXIT_UNAVAILABLE
     assert f"--end ({D1}) must be after --start ({D2})" in done.stderr
@@ -213,7 +215,7 @@ def ledgers_of_days(path: Path, days: int, users: int = 50, *, rebuilt: bool = T
 def test_a_year_is_read_with_as_many_statements_as_a_day(tmp_path: Path):
     counts = {}
     for days in (1, 365):
-        path = tmp_path / f"{days}.duckdb"
+        path = tmp_path / f"{days}-days"
         ledgers_of_days(path, days)
         with warehouse.connect(path, read_only=True) as connection:
             counting = CountingConnection(connection)
@@ -225,7 +227,7 @@ def test_a_year_is_read_with_as_many_statements_as_a_day(tmp_path: Path):
 
 
 def test_the_stats_are_read_only_for_dates_built_again_after_their_email(tmp_path: Path):
-    path = tmp_path / "w.duckdb"
+    path = tmp_path / "w"
     ledgers_of_days(path, 3, rebuilt=False)
 
     with warehouse.connect(path, read_only=True) as connection:
@@ -239,7 +241,7 @@ def test_the_stats_are_read_only_for_dates_built_again_after_their_email(tmp_pat
 def test_the_stats_hash_is_the_one_send_stats_stores(tmp_path: Path):
     from event_pipeline.warehouse.stats import read_day_stats
 
-    path = tmp_path / "w.duckdb"
+    path = tmp_path / "w"
     ledgers_of_days(path, 2)
     with warehouse.connect(path, read_only=True) as connection:
         ledgers = status_queries.read_ledgers(connection, D2, D3)

@@ -1,4 +1,5 @@
-"""The warehouse connection: schema, and waiting for another process's writer lock."""
+"""The warehouse connection: schema (on a DuckLake and on a DuckDB file), and waiting for another
+process's lock on a DuckDB file."""
 
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ def lock_holder():
         process.wait()
 
 
-def test_schema_is_created_once_and_again_without_error(warehouse: Path) -> None:
+@pytest.mark.parametrize("storage", ["warehouse", "duckdb_file_warehouse"])
+def test_schema_is_created_once_and_again_without_error(storage: str, request) -> None:
+    warehouse = request.getfixturevalue(storage)
     for _ in range(2):
         with wh.connect(warehouse, lock_timeout=5) as connection:
             wh.ensure_raw_schema(connection)
@@ -71,8 +74,9 @@ def test_schema_is_created_once_and_again_without_error(warehouse: Path) -> None
 
 
 def test_locked_file_fails_after_the_timeout_naming_the_holder(
-    warehouse: Path, lock_holder
+    duckdb_file_warehouse: Path, lock_holder
 ) -> None:
+    warehouse = duckdb_file_warehouse
     holder = lock_holder(warehouse, 30)
     started = time.monotonic()
     with pytest.raises(wh.WarehouseLockedError) as error:
@@ -84,8 +88,21 @@ def test_locked_file_fails_after_the_timeout_naming_the_holder(
     assert str(warehouse) in str(error.value)
 
 
-def test_waits_for_the_lock_and_then_opens(warehouse: Path, lock_holder) -> None:
+def test_waits_for_the_lock_and_then_opens(duckdb_file_warehouse: Path, lock_holder) -> None:
+    warehouse = duckdb_file_warehouse
     holder = lock_holder(warehouse, 1.5)
     with wh.connect(warehouse, lock_timeout=30) as connection:
         assert holder.poll() is not None  # we only got in after the holder let go
         assert connection.execute("select 42").fetchall() == [(42,)]
+
+
+def test_the_pool_has_three_slots_on_a_lake_and_one_on_a_file(monkeypatch, tmp_path) -> None:
+    from event_pipeline import settings
+
+    monkeypatch.delenv("WAREHOUSE_POOL_SLOTS", raising=False)
+    monkeypatch.setenv("WAREHOUSE_PATH", str(tmp_path / "warehouse"))
+    assert settings.warehouse_pool_slots() == 3
+    monkeypatch.setenv("WAREHOUSE_PATH", str(tmp_path / "warehouse.duckdb"))
+    assert settings.warehouse_pool_slots() == 1
+    monkeypatch.setenv("WAREHOUSE_POOL_SLOTS", "5")
+    assert settings.warehouse_pool_slots() == 5

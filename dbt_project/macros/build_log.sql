@@ -81,4 +81,8 @@
     {% if date_range is none -%}
         drop table event_stats__replaced_dates;
     {%- endif %}
+    {#- On a DuckLake: the snapshot of this publish names the build (ducklake_snapshots). -#}
+    {% if target.name == 'lake' %}
+        call ducklake_set_commit_message('{{ this.database }}', 'dbt', '{{ invocation_id }}');
+    {%- endif %}
 {%- endmacro %}

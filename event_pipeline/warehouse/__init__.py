@@ -1,22 +1,24 @@
 """The warehouse: the one home of warehouse SQL. This module opens it; its modules hold the
 tables' DDL and queries (raw.py: raw.events and raw.load_log; email_log.py, stats.py, ...).
 
-$WAREHOUSE_PATH chooses the storage (`connect`, the one place that decides): a path ending in
-`.duckdb` is one DuckDB file (the default, data/warehouse.duckdb); any other path is a DuckLake
-directory (opt-in, see lake.py), attached so that the same table names resolve.
+$WAREHOUSE_PATH chooses the storage (`connect`, the one place that decides): a DuckLake
+directory (the default, data/warehouse; see lake.py), or, for a path ending in `.duckdb`, one
+DuckDB file; the same table names resolve on both.
 
-DuckDB allows one process to hold a database file at a time. `connect` waits, with a bounded
-retry, while another process (a load, dbt, a user's SQL shell) holds the lock, then fails with a
-message naming the holder. A DuckLake has no such lock.
+On a DuckLake, readers never block writers and several processes write at once: a transaction
+that loses a commit race runs again (commits.retry_on_conflict). DuckDB allows one process to
+hold a database file at a time: `connect` waits, with a bounded retry, while another process (a
+load, dbt, a user's SQL shell) holds the lock, then fails with a message naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import duckdb
@@ -25,7 +27,7 @@ from event_pipeline import settings
 from event_pipeline.warehouse import lake
 from event_pipeline.warehouse.raw import ensure_raw_schema
 
-__all__ = ["WarehouseLockedError", "connect", "ensure_raw_schema"]
+__all__ = ["WarehouseLockedError", "connect", "ensure_raw_schema", "exclusive"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,14 @@ class WarehouseLockedError(RuntimeError):
 def _lock_holder(message: str) -> str:
     match = re.search(r"Conflicting lock is held in (.+?) \(PID (\d+)\)", message)
     return f"{match.group(1)} (PID {match.group(2)})" if match else "another process"
+
+
+def exclusive(name: str, path: Path | None = None) -> contextlib.AbstractContextManager[None]:
+    """A lock `name` across processes, held for a block that spans several transactions (see
+    lake.exclusive). On a DuckDB file, the connection's file lock already excludes every other
+    process: nothing more is taken."""
+    path = Path(path) if path else settings.warehouse_path()
+    return lake.exclusive(path, name) if lake.is_lake(path) else nullcontext()
 
 
 @contextmanager

@@ -36,6 +36,7 @@ create table if not exists ops.email_log (
     attempts      integer   default 1,       -- sends started for this row (> 1: resent)
     intent_at     timestamp,           -- UTC, when the latest send was recorded, before it
     error         varchar,             -- why the outcome of a 'sending' row is unknown
+    snapshot_id   bigint,              -- DuckLake snapshot the stats were read at (null: a file)
     primary key (event_date, recipient, revision)
 );
 """
@@ -47,6 +48,7 @@ _UPGRADE = {
     "attempts": "alter table ops.email_log add column if not exists attempts integer default 1",
     "intent_at": "alter table ops.email_log add column if not exists intent_at timestamp",
     "error": "alter table ops.email_log add column if not exists error varchar",
+    "snapshot_id": "alter table ops.email_log add column if not exists snapshot_id bigint",
 }
 
 
@@ -63,11 +65,12 @@ class EmailLogEntry:
     backend: str
     status: str = SENDING
     attempts: int = 1
+    snapshot_id: int | None = None  # DuckLake snapshot whose stats the email holds
 
 
 _COLUMNS = (
     "event_date, recipient, revision, content_hash, message_id, supersedes, total_events, "
-    "users, backend, status, attempts"
+    "users, backend, status, attempts, snapshot_id"
 )
 
 
@@ -106,27 +109,23 @@ def record_intents(
     new: list[EmailLogEntry],
     retried: list[EmailLogEntry],
 ) -> None:
-    """In one transaction: insert `new` rows and mark `retried` rows as being sent again."""
+    """Insert `new` rows and mark `retried` rows as being sent again. Call it in the transaction
+    that read the ledger (report.send_stats): on a DuckLake, a concurrent writer of the ledger
+    then makes this commit fail, and the retry reads its rows."""
     now = _now()
-    connection.begin()
-    try:
-        for entry in new:
-            connection.execute(
-                f"insert into ops.email_log ({_COLUMNS}, intent_at) "
-                "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [*_values(entry), now],
-            )
-        for entry in retried:
-            connection.execute(
-                "update ops.email_log set status = ?, attempts = attempts + 1, backend = ?, "
-                "intent_at = ?, error = null "
-                "where event_date = ? and recipient = ? and revision = ?",
-                [SENDING, entry.backend, now, *_key(entry)],
-            )
-        connection.commit()
-    except BaseException:
-        connection.rollback()
-        raise
+    for entry in new:
+        connection.execute(
+            f"insert into ops.email_log ({_COLUMNS}, intent_at) "
+            "values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [*_values(entry), now],
+        )
+    for entry in retried:
+        connection.execute(
+            "update ops.email_log set status = ?, attempts = attempts + 1, backend = ?, "
+            "intent_at = ?, error = null "
+            "where event_date = ? and recipient = ? and revision = ?",
+            [SENDING, entry.backend, now, *_key(entry)],
+        )
 
 
 def mark_sent(connection: duckdb.DuckDBPyConnection, entry: EmailLogEntry) -> None:
@@ -172,4 +171,5 @@ def _values(entry: EmailLogEntry) -> list[object]:
         entry.backend,
         entry.status,
         entry.attempts,
+        entry.snapshot_id,
     ]

@@ -1,9 +1,10 @@
 """The warehouse as a DuckLake: a directory holding a SQLite catalog and Parquet data files.
 
-Opt-in: a $WAREHOUSE_PATH that does not end in `.duckdb` names a DuckLake directory,
-PATH/catalog.sqlite (the catalog: tables, snapshots, which files hold which rows) and PATH/data/
-(the Parquet files). It is attached to an in-memory DuckDB as the catalog `warehouse` and made
-the default one, so raw.events, analytics.event_stats and ops.* resolve as in the DuckDB file.
+The default storage: a $WAREHOUSE_PATH that does not end in `.duckdb` names a DuckLake
+directory, PATH/catalog.sqlite (the catalog: tables, snapshots, which files hold which rows) and
+PATH/data/ (the Parquet files). It is attached to an in-memory DuckDB as the catalog `warehouse`
+and made the default one, so raw.events, analytics.event_stats and ops.* resolve as in a DuckDB
+file. `attach_sql` is the one place that builds the ATTACH statement (catalog and data path);
 profiles.yml attaches it the same way for dbt.
 
 $WAREHOUSE_CATALOG may put the catalog in PostgreSQL instead (the distributed profile: workers on
@@ -16,6 +17,7 @@ never downloads one (autoinstall is off).
 
 from __future__ import annotations
 
+import fcntl
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -25,10 +27,12 @@ from pathlib import Path
 import duckdb
 
 from event_pipeline import settings
+from event_pipeline.warehouse import commits
 
 CATALOG_NAME = "warehouse"
 CATALOG_FILE = "catalog.sqlite"
 DATA_DIR = "data"
+LOCK_DIR = "locks"
 EXTENSIONS = ("ducklake", "sqlite_scanner", "postgres_scanner")
 # Settings of every connection: never download an extension; load them from the PyPI packages.
 CONFIG = {"autoinstall_known_extensions": False}
@@ -90,11 +94,31 @@ def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
         # In-memory DuckDB spills to ./.tmp by default; keep spill files beside the data.
         connection.execute(f"set temp_directory = '{_quoted(path / 'tmp')}'")
         install_extensions(connection)
-        connection.execute(attach_sql(path, read_only=read_only))
+        # Two first writers at once both create the catalog's tables: one loses, then finds them.
+        commits.retry_on_conflict(
+            lambda: connection.execute(attach_sql(path, read_only=read_only)),
+            what=f"Attaching the DuckLake {path}",
+        )
         connection.execute(f"use {CATALOG_NAME}")
         yield connection
     finally:
         connection.close()
+
+
+@contextmanager
+def exclusive(path: Path, name: str) -> Iterator[None]:
+    """Hold the lock `name` of the lake at `path` (an OS file lock, PATH/locks/NAME.lock) until
+    the block ends, waiting while another process holds it. For work that must not interleave
+    with itself across processes beyond one transaction (an email's send between its ledger
+    rows). The OS frees it when the holder dies. A lake on a local disk only."""
+    folder = Path(path) / LOCK_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def use_wal(catalog: Path) -> None:
@@ -114,6 +138,27 @@ def is_lake_connection(connection: duckdb.DuckDBPyConnection) -> bool:
         "select type from duckdb_databases() where database_name = current_database()"
     ).fetchall()
     return bool(rows) and rows[0][0] == "ducklake"
+
+
+def current_snapshot(connection: duckdb.DuckDBPyConnection) -> int | None:
+    """The DuckLake snapshot the connection reads (in a transaction: the one it started at);
+    None on a DuckDB file."""
+    if not is_lake_connection(connection):
+        return None
+    return connection.execute(f"from {CATALOG_NAME}.current_snapshot()").fetchall()[0][0]
+
+
+def label_commit(
+    connection: duckdb.DuckDBPyConnection, author: str, message: str, extra_info: str = ""
+) -> None:
+    """Label the snapshot the open transaction will commit (ducklake_snapshots' author,
+    commit_message, commit_extra_info), so that a ledger row leads to the snapshot it wrote.
+    Nothing on a DuckDB file."""
+    if is_lake_connection(connection):
+        connection.execute(
+            f"call ducklake_set_commit_message('{CATALOG_NAME}', ?, ?, extra_info => ?)",
+            [author, message, extra_info],
+        )
 
 
 # A table constraint (with the comma before it and a comment after that comma) or a column's.

@@ -1,10 +1,12 @@
 """Read-only SQL on the warehouse: what `event-stats sql` runs, returned as typed results.
 
-A DuckDB file is held by whichever process has it open, and a reader blocks the pipeline's
-writers just as a writer does. So a `QuerySession` opens the warehouse (read-only, through
-`warehouse.connect`, the one place that knows how the storage is opened) for each batch of
-statements and closes it before returning: an idle session holds nothing. Settings (SET, RESET,
-USE, SET VARIABLE) are replayed on every new connection, so they last the whole session;
+A `QuerySession` opens the warehouse read-only through `warehouse.connect` (the one place that
+knows how the storage is opened). On a DuckLake (the default) it keeps that connection for the
+whole session: a reader idle between statements blocks no writer there, and each statement sees
+the latest commit. A DuckDB file is held by whichever process has it open, and a reader blocks
+the pipeline's writers just as a writer does: on a file the session opens it for each batch of
+statements and closes it before returning, so an idle session holds nothing; settings (SET,
+RESET, USE, SET VARIABLE) are replayed on every new connection, so they last the whole session;
 temporary tables, views and macros last one batch.
 """
 
@@ -20,7 +22,7 @@ from typing import Any, TypeVar
 import duckdb
 
 from event_pipeline import settings
-from event_pipeline.warehouse import WarehouseLockedError, connect
+from event_pipeline.warehouse import WarehouseLockedError, connect, lake
 
 T = TypeVar("T")
 
@@ -61,6 +63,8 @@ class QuerySession:
     path: Path | None = None
     lock_timeout: float | None = None
     _settings: list[str] = field(default_factory=list)
+    _kept: ExitStack | None = None  # a lake's connection, open for the whole session
+    _connection: duckdb.DuckDBPyConnection | None = None
 
     @property
     def warehouse_path(self) -> Path:
@@ -90,9 +94,19 @@ class QuerySession:
                     self._settings.append(statement.query)
         return results
 
+    def close(self) -> None:
+        """Close the connection a session on a DuckLake keeps (nothing to do on a file)."""
+        if self._kept is not None:
+            self._kept.close()
+        self._kept = self._connection = None
+
     @contextmanager
     def _open(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """The warehouse, read-only, with the session's settings replayed; closed on exit."""
+        """The warehouse, read-only, with the session's settings replayed; closed on exit, but
+        on a DuckLake kept for the next batch."""
+        if self._connection is not None:
+            yield self._connection
+            return
         path = self.warehouse_path
         with ExitStack() as stack:
             try:
@@ -108,6 +122,8 @@ class QuerySession:
                 ) from error
             for setting in self._settings:
                 connection.execute(setting).fetchall()
+            if lake.is_lake(path):
+                self._connection, self._kept = connection, stack.pop_all()
             yield connection
 
     def _explain(self, error: duckdb.Error) -> str:

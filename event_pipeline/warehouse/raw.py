@@ -251,31 +251,26 @@ def stored_elsewhere(
 def replace_partitions(
     connection: duckdb.DuckDBPyConnection, entries: Sequence[LoadLogEntry], staged: str
 ) -> None:
-    """In ONE transaction: replace the rows of every changed entry's date with that date's rows
-    of `staged` (tagged with the entry's load_id), and write every entry's ledger row. Dates
-    not changed keep their rows and load_ids. On any error (or interrupt) it rolls back."""
+    """Replace the rows of every changed entry's date with that date's rows of `staged` (tagged
+    with the entry's load_id), and write every entry's ledger row. Dates not changed keep their
+    rows and load_ids. Run it inside the caller's transaction (commits.transaction), which also
+    holds the comparison that decided `changed`: all of it commits, or none."""
     changed = [entry for entry in entries if entry.changed]
-    connection.execute("begin transaction")
-    try:
-        if changed:
-            connection.execute(
-                "delete from raw.events where event_date >= $first and event_date <= $last "
-                f"and event_date in (select event_date from ({_ENTRIES}))",
-                {
-                    "entries": _as_json(changed),
-                    "first": changed[0].event_date,
-                    "last": changed[-1].event_date,
-                },
-            )
-            connection.execute(
-                _INSERT_EVENTS_SQL.format(staged=staged, entries=_ENTRIES),
-                {"entries": _as_json(changed)},
-            )
-        connection.execute(_INSERT_LOG_SQL, {"entries": _as_json(entries)})
-    except BaseException:
-        connection.execute("rollback")
-        raise
-    connection.execute("commit")
+    if changed:
+        connection.execute(
+            "delete from raw.events where event_date >= $first and event_date <= $last "
+            f"and event_date in (select event_date from ({_ENTRIES}))",
+            {
+                "entries": _as_json(changed),
+                "first": changed[0].event_date,
+                "last": changed[-1].event_date,
+            },
+        )
+        connection.execute(
+            _INSERT_EVENTS_SQL.format(staged=staged, entries=_ENTRIES),
+            {"entries": _as_json(changed)},
+        )
+    connection.execute(_INSERT_LOG_SQL, {"entries": _as_json(entries)})
 
 
 # Entries travel as ONE JSON parameter: binding a Python list costs tens of ms per list here.

@@ -32,7 +32,7 @@ from servers import free_port
 from sqlalchemy import create_engine, select, update
 from sqlalchemy.orm import Session
 
-from event_pipeline import settings
+from event_pipeline import settings, warehouse
 
 DAG_FILE = settings.REPO_ROOT / "dags" / "event_stats.py"
 
@@ -79,7 +79,7 @@ class PipelineEnv:
             return []
 
     def query(self, sql: str, params: list | None = None) -> list[tuple]:
-        with duckdb.connect(str(self.warehouse), read_only=True) as connection:
+        with warehouse.connect(self.warehouse, read_only=True) as connection:
             return connection.execute(sql, params or []).fetchall()
 
     def tables(self) -> dict[str, list[tuple]]:
@@ -100,9 +100,9 @@ class PipelineEnv:
 def pipeline_env_fixture(
     airflow_db: None, events_api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> PipelineEnv:
-    """Settings for one DAG run: a temp DuckDB file and outbox, the real events API."""
+    """Settings for one DAG run: a temp warehouse (a DuckLake) and outbox, the real events API."""
     env = PipelineEnv(
-        warehouse=tmp_path / "warehouse.duckdb",
+        warehouse=tmp_path / "warehouse",
         outbox=tmp_path / "outbox",
         api_url=events_api(),
         tmp=tmp_path,

@@ -69,8 +69,8 @@ def test_the_dag_imports_without_a_database_and_parses_dbt_only_after_a_change(
 ) -> None:
     home = tmp_path / "airflow-home"
     home.mkdir()
-    # In a folder that does not exist: DuckDB would fail to create it, had dbt opened it.
-    warehouse = tmp_path / "absent" / "warehouse.duckdb"
+    # In a folder that does not exist: importing the DAG must not create it (no dbt opened it).
+    warehouse = tmp_path / "absent" / "warehouse"
 
     first = _import_dag(home, warehouse)
     assert first["errors"] == {}

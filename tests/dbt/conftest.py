@@ -19,9 +19,15 @@ def dbt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def wh(dbt_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Warehouse:
     """An empty warehouse (raw.events and no stats table) at the session's warehouse path."""
-    path = dbt_dir / "warehouse.duckdb"
-    for stale in (path, path.with_name(path.name + ".wal")):
-        stale.unlink(missing_ok=True)
+    path = dbt_dir / "warehouse"  # a DuckLake, the default storage
+    # Emptied in place, not deleted: the in-process dbt keeps its in-memory DuckDB, with the
+    # lake's catalog attached, for the whole session.
+    with warehouse.connect(path) as connection:
+        for (schema,) in connection.execute(
+            "select schema_name from duckdb_schemas() "
+            "where database_name = current_database() and schema_name <> 'main'"
+        ).fetchall():
+            connection.execute(f'drop schema "{schema}" cascade')
     monkeypatch.setenv("WAREHOUSE_PATH", str(path))
     with warehouse.connect(path) as connection:
         warehouse.ensure_raw_schema(connection)
@@ -40,7 +46,7 @@ def project_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path,
         ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"),
     )
     monkeypatch.setenv("DBT_PROJECT_DIR", str(project))
-    path = tmp_path / "warehouse.duckdb"
+    path = tmp_path / "warehouse"
     monkeypatch.setenv("WAREHOUSE_PATH", str(path))
     with warehouse.connect(path) as connection:
         warehouse.ensure_raw_schema(connection)

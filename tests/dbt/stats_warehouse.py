@@ -3,7 +3,7 @@
 Every dbt run is real (in-process dbtRunner on the dbt project of DBT_PROJECT_DIR). dbt re-parses
 the project whenever its vars, profile (the warehouse path included) or files change (about 3 s).
 To keep the suite short, the `wh` fixture (conftest.py) uses one warehouse path for the session
-(the file is recreated for each test) and every set of vars gets its own target directory, so
+(the lake is recreated for each test) and every set of vars gets its own target directory, so
 dbt's partial parse applies when a test repeats the vars of an earlier one: exactly what it does
 for a person rerunning a command.
 """

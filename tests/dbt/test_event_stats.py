@@ -230,8 +230,17 @@ def test_docs_generate_describes_every_column_of_every_model(wh: Warehouse) -> N
     assert (stats["schema"], stats["name"]) == ("analytics", "event_stats")
 
 
-def test_failed_insert_rolls_back_the_delete(wh: Warehouse) -> None:
-    """Delete and insert are one transaction: when the insert fails, the old rows stay."""
+def test_failed_insert_rolls_back_the_delete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delete and insert are one transaction: when the insert fails, the old rows stay. On a
+    DuckDB file: a DuckLake has no CHECK constraint to make the insert fail (on a lake the
+    publish is one snapshot: tests/test_ducklake.py)."""
+    path = tmp_path / "warehouse.duckdb"
+    monkeypatch.setenv("WAREHOUSE_PATH", str(path))
+    with warehouse.connect(path) as connection:
+        warehouse.ensure_raw_schema(connection)
+    wh = Warehouse(path=path, dbt_dir=tmp_path)
     fill(wh)
     wh.build()
     before = wh.stats()
@@ -256,7 +265,7 @@ def test_sample_events_give_the_stats_in_seeds_readme(
     """seeds/sample_events replayed, loaded and built: the numbers seeds/README.md promises."""
     from event_pipeline import loader, settings
 
-    path = tmp_path / "warehouse.duckdb"
+    path = tmp_path / "warehouse"
     monkeypatch.setenv("WAREHOUSE_PATH", str(path))
     url = events_api(data_dir=settings.REPO_ROOT / "seeds" / "sample_events")
     loader.load_range(date(2019, 1, 1), date(2019, 1, 5), api_url=url, warehouse_path=path)
@@ -290,7 +299,7 @@ def test_cosmos_configs_point_at_this_repository(monkeypatch: pytest.MonkeyPatch
     cosmos = dbt_config._cosmos()
     InvocationMode, LoadMode = cosmos.InvocationMode, cosmos.LoadMode
 
-    monkeypatch.setenv("WAREHOUSE_PATH", "relative/warehouse.duckdb")
+    monkeypatch.setenv("WAREHOUSE_PATH", "relative/warehouse")
     project = dbt_config.project_config()
     profile = dbt_config.profile_config()
     execution = dbt_config.execution_config()
@@ -298,9 +307,9 @@ def test_cosmos_configs_point_at_this_repository(monkeypatch: pytest.MonkeyPatch
 
     assert project.dbt_project_path == settings.REPO_ROOT / "dbt_project"
     # Absolute, since Cosmos runs dbt from a temporary directory.
-    assert project.env_vars == {"WAREHOUSE_PATH": str(Path.cwd() / "relative/warehouse.duckdb")}
+    assert project.env_vars == {"WAREHOUSE_PATH": str(Path.cwd() / "relative/warehouse")}
     assert Path(profile.profiles_yml_filepath) == settings.REPO_ROOT / "profiles.yml"
-    assert (profile.profile_name, profile.target_name) == ("event_stats", "dev")
+    assert (profile.profile_name, profile.target_name) == ("event_stats", "lake")
     assert Path(execution.dbt_executable_path).is_file()
     assert execution.invocation_mode == InvocationMode.DBT_RUNNER
     assert render.load_method == LoadMode.DBT_MANIFEST
