@@ -7,11 +7,13 @@ are the same on every machine.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from event_pipeline.events.generator import Event
+import numpy as np
+
+from event_pipeline.events.generator import EVENT_TYPES, EventBatch
 
 RecordFormat = Literal["standard", "book"]
 RECORD_FORMATS: tuple[RecordFormat, ...] = ("standard", "book")
@@ -19,7 +21,8 @@ RECORD_FORMATS: tuple[RecordFormat, ...] = ("standard", "book")
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-CHUNK_BYTES = 64 * 1024
+CHUNK_BYTES = 1024 * 1024  # large writes: few trips through the server per MB
+REPLAY_BATCH = 8192  # replayed records per batch
 
 
 def epoch_ms(moment: datetime) -> int:
@@ -45,19 +48,27 @@ class _MinutePrefixes:
             f"{moment.year:04d} {moment.hour:02d}:{moment.minute:02d}:"
         )
 
+    def iso_minute(self, minute: int) -> str:
+        """'2019-01-01T00:03:' for the minute (minutes since the Unix epoch)."""
+        if minute != self._minute:
+            self._update(minute)
+        return self._iso
+
+    def http_minute(self, minute: int) -> str:
+        """'Tue, 01 Jan 2019 00:03:' for the minute (minutes since the Unix epoch)."""
+        if minute != self._minute:
+            self._update(minute)
+        return self._http
+
     def iso(self, at_ms: int) -> str:
         """ISO 8601 with milliseconds and offset: 2019-01-01T00:03:12.345+00:00."""
         minute, ms = divmod(at_ms, 60_000)
-        if minute != self._minute:
-            self._update(minute)
-        return f"{self._iso}{ms // 1000:02d}.{ms % 1000:03d}+00:00"
+        return f"{self.iso_minute(minute)}{ms // 1000:02d}.{ms % 1000:03d}+00:00"
 
     def http(self, at_ms: int) -> str:
         """RFC 1123 in GMT, to the second, as Flask's jsonify writes datetimes."""
         minute, ms = divmod(at_ms, 60_000)
-        if minute != self._minute:
-            self._update(minute)
-        return f"{self._http}{ms // 1000:02d} GMT"
+        return f"{self.http_minute(minute)}{ms // 1000:02d} GMT"
 
 
 def http_date(moment: datetime) -> str:
@@ -65,43 +76,99 @@ def http_date(moment: datetime) -> str:
     return _MinutePrefixes().http(epoch_ms(moment))
 
 
-def generated_records(events: Iterable[Event], record_format: RecordFormat) -> Iterator[str]:
-    """One compact JSON object per generated event (values are plain ASCII: no escaping needed)."""
+def generated_records(
+    batches: Iterable[EventBatch], record_format: RecordFormat
+) -> Iterator[list[str]]:
+    """Per batch, one compact JSON object per generated event (plain ASCII: no escaping needed).
+
+    Each record is put together from a few pieces looked up in small tables (the text of the
+    minute, of the user, of the type), never through json.dumps.
+    """
     prefixes = _MinutePrefixes()
     if record_format == "book":
-        # Keys sorted, as Flask's jsonify does.
-        for event in events:
-            yield f'{{"date":"{prefixes.http(event.at_ms)}","user":"{event.user}"}}'
-    else:
-        for event in events:
-            yield (
-                f'{{"event_id":"{event.event_id}","user":"{event.user}",'
-                f'"timestamp":"{prefixes.iso(event.at_ms)}","event_type":"{event.event_type}"}}'
+        seconds = [f"{second:02d} GMT" for second in range(60)]
+        for batch in batches:
+            # Keys sorted, as Flask's jsonify does.
+            users = [f'","user":"{user}"}}' for user in batch.users]
+            minutes, within = np.divmod(batch.at_ms, 60_000)
+            texts = _minute_texts(minutes, prefixes.http_minute, '{"date":"')
+            yield [
+                f"{minute}{seconds[ms // 1000]}{users[user]}"
+                for minute, ms, user in zip(
+                    texts, within.tolist(), batch.user_index.tolist(), strict=True
+                )
+            ]
+        return
+    millis = _iso_millis()
+    kinds = [f'","event_type":"{kind}"}}' for kind in EVENT_TYPES]
+    for batch in batches:
+        users = [f'","user":"{user}","timestamp":"' for user in batch.users]
+        minutes, within = np.divmod(batch.at_ms, 60_000)
+        texts = _minute_texts(minutes, prefixes.iso_minute, "")
+        head = f'{{"event_id":"{batch.id_prefix}'
+        yield [
+            f"{head}{ordinal:07d}{users[user]}{minute}{millis[ms]}{kinds[kind]}"
+            for ordinal, user, minute, ms, kind in zip(
+                range(batch.first_ordinal, batch.first_ordinal + len(batch)),
+                batch.user_index.tolist(),
+                texts,
+                within.tolist(),
+                batch.type_index.tolist(),
+                strict=True,
             )
+        ]
+
+
+_ISO_MILLIS: list[str] = []
+
+
+def _iso_millis() -> list[str]:
+    """'SS.mmm+00:00' for every millisecond of a minute (made once, on first use)."""
+    if not _ISO_MILLIS:
+        _ISO_MILLIS.extend(f"{ms // 1000:02d}.{ms % 1000:03d}+00:00" for ms in range(60_000))
+    return _ISO_MILLIS
+
+
+def _minute_texts(minutes: np.ndarray, text: Callable[[int], str], before: str) -> list[str]:
+    """`before` + text(minute) for each event of a batch, text computed once per minute."""
+    distinct, where = np.unique(minutes, return_inverse=True)
+    table = np.array([before + text(minute) for minute in distinct.tolist()], dtype=object)
+    return table[where].tolist()
 
 
 def replayed_records(
     records: Iterable[tuple[datetime, dict[str, Any]]], record_format: RecordFormat
-) -> Iterator[str]:
+) -> Iterator[list[str]]:
     """Replayed records as they are in the files, or reshaped into the book's {date, user}."""
+    batch: list[str] = []
     for moment, record in records:
         if record_format == "book":
             record = {"date": http_date(moment), "user": record.get("user")}
-        yield json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+        batch.append(json.dumps(record, separators=(",", ":"), ensure_ascii=False))
+        if len(batch) >= REPLAY_BATCH:
+            yield batch
+            batch = []
+    yield batch
 
 
-def body_chunks(records: Iterable[str], ndjson: bool) -> Iterator[bytes]:
-    """A JSON array (one record a line) or NDJSON, in chunks of about CHUNK_BYTES."""
+def body_chunks(batches: Iterable[list[str]], ndjson: bool) -> Iterator[bytes]:
+    """A JSON array (one record a line) or NDJSON, in chunks of about CHUNK_BYTES.
+
+    `batches` are lists of records (any may be empty).
+    """
     opening, between, closing = ("", "\n", "\n") if ndjson else ("[\n", ",\n", "\n]\n")
     parts = [opening]
     size = 0
     empty = True
-    for record in records:
+    for batch in batches:
+        if not batch:
+            continue
         if not empty:
             parts.append(between)
         empty = False
-        parts.append(record)
-        size += len(record)
+        text = between.join(batch)
+        parts.append(text)
+        size += len(text)
         if size >= CHUNK_BYTES:
             yield "".join(parts).encode("utf-8")
             parts = []
