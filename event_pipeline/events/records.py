@@ -7,7 +7,7 @@ are the same on every machine.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -78,102 +78,133 @@ def http_date(moment: datetime) -> str:
 
 def generated_records(
     batches: Iterable[EventBatch], record_format: RecordFormat
-) -> Iterator[list[str]]:
-    """Per batch, one compact JSON object per generated event (plain ASCII: no escaping needed).
+) -> Iterator[bytes]:
+    """Per batch, one compact JSON object per generated event, a line each (no final newline).
 
-    Each record is put together from a few pieces looked up in small tables (the text of the
-    minute, of the user, of the type), never through json.dumps.
+    Values are plain ASCII, so nothing needs escaping and no json.dumps is needed: a batch is
+    put together as one byte matrix, a row per event, its columns the fixed pieces of the record
+    (digits computed in numpy, the text of the minute, the user and the type looked up in small
+    tables padded with NUL bytes), and the NUL padding is dropped when the rows are joined.
     """
     prefixes = _MinutePrefixes()
-    if record_format == "book":
-        seconds = [f"{second:02d} GMT" for second in range(60)]
-        for batch in batches:
-            # Keys sorted, as Flask's jsonify does.
-            users = [f'","user":"{user}"}}' for user in batch.users]
-            minutes, within = np.divmod(batch.at_ms, 60_000)
-            texts = _minute_texts(minutes, prefixes.http_minute, '{"date":"')
-            yield [
-                f"{minute}{seconds[ms // 1000]}{users[user]}"
-                for minute, ms, user in zip(
-                    texts, within.tolist(), batch.user_index.tolist(), strict=True
-                )
-            ]
-        return
-    millis = _iso_millis()
-    kinds = [f'","event_type":"{kind}"}}' for kind in EVENT_TYPES]
     for batch in batches:
-        users = [f'","user":"{user}","timestamp":"' for user in batch.users]
+        if not len(batch):
+            continue
         minutes, within = np.divmod(batch.at_ms, 60_000)
-        texts = _minute_texts(minutes, prefixes.iso_minute, "")
-        head = f'{{"event_id":"{batch.id_prefix}'
-        yield [
-            f"{head}{ordinal:07d}{users[user]}{minute}{millis[ms]}{kinds[kind]}"
-            for ordinal, user, minute, ms, kind in zip(
-                range(batch.first_ordinal, batch.first_ordinal + len(batch)),
-                batch.user_index.tolist(),
-                texts,
-                within.tolist(),
-                batch.type_index.tolist(),
-                strict=True,
-            )
-        ]
+        distinct, where = np.unique(minutes, return_inverse=True)
+        seconds = _digits(within // 1000, 2)
+        if record_format == "book":
+            # Keys sorted, as Flask's jsonify does.
+            texts = [prefixes.http_minute(minute) for minute in distinct.tolist()]
+            users = _table([f' GMT","user":"{user}"}}\n' for user in batch.users])
+            columns = [
+                _same(batch, '{"date":"'),
+                _table(texts)[where],
+                seconds,
+                users[batch.user_index],
+            ]
+        else:
+            texts = [prefixes.iso_minute(minute) for minute in distinct.tolist()]
+            users = _table([f'","user":"{user}","timestamp":"' for user in batch.users])
+            ordinals = np.arange(batch.first_ordinal, batch.first_ordinal + len(batch))
+            columns = [
+                _same(batch, f'{{"event_id":"{batch.id_prefix}'),
+                _ordinals(ordinals),
+                users[batch.user_index],
+                _table(texts)[where],
+                seconds,
+                _same(batch, "."),
+                _digits(within % 1000, 3),
+                _TYPE_ENDS[batch.type_index],
+            ]
+        yield _rows(columns)[:-1]
 
 
-_ISO_MILLIS: list[str] = []
+def _table(texts: list[str]) -> np.ndarray:
+    """ASCII texts as the rows of a uint8 matrix, padded with NUL bytes."""
+    width = max(len(text) for text in texts)
+    padded = np.array([text.encode("ascii") for text in texts], dtype=f"S{width}")
+    return padded.view(np.uint8).reshape(len(texts), width)
 
 
-def _iso_millis() -> list[str]:
-    """'SS.mmm+00:00' for every millisecond of a minute (made once, on first use)."""
-    if not _ISO_MILLIS:
-        _ISO_MILLIS.extend(f"{ms // 1000:02d}.{ms % 1000:03d}+00:00" for ms in range(60_000))
-    return _ISO_MILLIS
+_TYPE_ENDS = _table([f'+00:00","event_type":"{kind}"}}\n' for kind in EVENT_TYPES])
 
 
-def _minute_texts(minutes: np.ndarray, text: Callable[[int], str], before: str) -> list[str]:
-    """`before` + text(minute) for each event of a batch, text computed once per minute."""
-    distinct, where = np.unique(minutes, return_inverse=True)
-    table = np.array([before + text(minute) for minute in distinct.tolist()], dtype=object)
-    return table[where].tolist()
+def _same(batch: EventBatch, text: str) -> np.ndarray:
+    """The same ASCII text in every row."""
+    row = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    return np.broadcast_to(row, (len(batch), len(row)))
+
+
+def _digits(values: np.ndarray, width: int) -> np.ndarray:
+    """Zero-padded decimal digits of non-negative values below 10**width, as ASCII rows."""
+    kind = np.int32 if width <= 9 else np.int64
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype=kind)
+    return (values.astype(kind)[:, None] // powers % 10 + ord("0")).astype(np.uint8)
+
+
+def _ordinals(ordinals: np.ndarray) -> np.ndarray:
+    """f"{ordinal:07d}" as ASCII rows: at least 7 digits, more without leading zeros."""
+    width = max(7, len(str(ordinals[-1])))
+    digits = _digits(ordinals, width)
+    for column in range(width - 7):  # a zero there is a leading zero: NUL, left out
+        digits[ordinals < 10 ** (width - 1 - column), column] = 0
+    return digits
+
+
+def _rows(columns: list[np.ndarray]) -> bytes:
+    """The rows of the columns side by side, all joined, NUL bytes left out."""
+    widths = [column.shape[1] for column in columns]
+    matrix = np.empty((len(columns[0]), sum(widths)), dtype=np.uint8)
+    at = 0
+    for column, width in zip(columns, widths, strict=True):
+        matrix[:, at : at + width] = column
+        at += width
+    return matrix[matrix != 0].tobytes()
 
 
 def replayed_records(
     records: Iterable[tuple[datetime, dict[str, Any]]], record_format: RecordFormat
-) -> Iterator[list[str]]:
-    """Replayed records as they are in the files, or reshaped into the book's {date, user}."""
+) -> Iterator[bytes]:
+    """Replayed records as they are in the files, or reshaped into the book's {date, user}.
+
+    In batches, one record a line (no final newline); json.dumps escapes any newline in a value.
+    """
     batch: list[str] = []
     for moment, record in records:
         if record_format == "book":
             record = {"date": http_date(moment), "user": record.get("user")}
         batch.append(json.dumps(record, separators=(",", ":"), ensure_ascii=False))
         if len(batch) >= REPLAY_BATCH:
-            yield batch
+            yield "\n".join(batch).encode("utf-8")
             batch = []
-    yield batch
+    yield "\n".join(batch).encode("utf-8")
 
 
-def body_chunks(batches: Iterable[list[str]], ndjson: bool) -> Iterator[bytes]:
+def body_chunks(batches: Iterable[bytes], ndjson: bool) -> Iterator[bytes]:
     """A JSON array (one record a line) or NDJSON, in chunks of about CHUNK_BYTES.
 
-    `batches` are lists of records (any may be empty).
+    `batches` hold records one a line, without a final newline (any may be empty).
     """
-    opening, between, closing = ("", "\n", "\n") if ndjson else ("[\n", ",\n", "\n]\n")
+    opening, between, closing = (b"", b"\n", b"\n") if ndjson else (b"[\n", b",\n", b"\n]\n")
     parts = [opening]
     size = 0
     empty = True
     for batch in batches:
         if not batch:
             continue
+        if not ndjson:
+            batch = batch.replace(b"\n", b",\n")
         if not empty:
             parts.append(between)
         empty = False
-        text = between.join(batch)
-        parts.append(text)
-        size += len(text)
+        parts.append(batch)
+        size += len(batch)
         if size >= CHUNK_BYTES:
-            yield "".join(parts).encode("utf-8")
+            yield b"".join(parts)
             parts = []
             size = 0
     if empty:
-        closing = "" if ndjson else "]\n"
+        closing = b"" if ndjson else b"]\n"
     parts.append(closing)
-    yield "".join(parts).encode("utf-8")
+    yield b"".join(parts)
