@@ -15,6 +15,7 @@ import json
 import operator
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,12 @@ from event_pipeline.warehouse import status as ledger_reads
 DAY = date(2026, 1, 1)  # the date of the big day; the dbt data set starts here too
 MB = 1024 * 1024
 GOAL_DATASET = (30, 100_000)  # days x events per day that --scale 1 means
-_OPERATORS: dict[str, Callable[[float, float], bool]] = {"<": operator.lt, "<=": operator.le}
+_OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">=": operator.ge,
+}
+API_GOAL = 500_000  # events/s the events API streams a big day at, at least
 
 
 # --- results --------------------------------------------------------------------------------
@@ -179,22 +185,76 @@ def day_url(api_url: str, day: date) -> str:
     return sources.window_url(api_url, day, day + timedelta(days=1))
 
 
-def bench_api(report: Report, url: str, pid: int, body: Path, events: int) -> float:
-    """1. Stream a day as NDJSON into `body`; the server's peak vs idle RSS. Returns seconds."""
-    idle = psutil.Process(pid).memory_info().rss
-    with PeakRss(pid) as server:
-        seconds, _ = timed(
-            lambda: sources.download(
-                day_url(url, DAY), body, what="benchmark day", attempts=1, timeout=120, backoff=0
-            )
+@contextmanager
+def static_server(directory: Path, log_dir: Path) -> Iterator[str]:
+    """Python's own static file server over `directory` on a free port: yields its URL."""
+    port = events_process.free_port()
+    argv = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)]
+    with (log_dir / "static-server.log").open("ab") as log:
+        server = subprocess.Popen(
+            [*argv, "--directory", str(directory)], stdout=log, stderr=subprocess.STDOUT
         )
+    try:
+        deadline = time.monotonic() + 30
+        while events_process.port_is_free(port):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the static file server did not start:\n{_tail(log_dir / 'static-server.log')}"
+                )
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        events_process.stop(server)
+
+
+def _download(url: str, destination: Path) -> float:
+    """Seconds to stream `url` into `destination` as the loader does (sources.download)."""
+    seconds, _ = timed(
+        lambda: sources.download(
+            url, destination, what="benchmark day", attempts=1, timeout=120, backoff=0
+        )
+    )
+    return seconds
+
+
+def bench_api(report: Report, url: str, pid: int, body: Path, events: int, runs: int) -> float:
+    """1. Stream a day as NDJSON into `body`, in turn with a plain download of the same bytes
+    (a static file server); the server's peak vs idle RSS. Returns the API's median seconds."""
+    idle = psutil.Process(pid).memory_info().rss
+    copy = body.with_name("plain-copy.ndjson")
+    api_seconds, plain_seconds = [], []
+    with PeakRss(pid) as server:
+        api_seconds.append(_download(day_url(url, DAY), body))
+    with static_server(body.parent, body.parent) as static_url:
+        for run in range(runs):
+            if run:
+                api_seconds.append(_download(day_url(url, DAY), body))
+            plain_seconds.append(_download(f"{static_url}/{body.name}", copy))
+    if copy.read_bytes() != body.read_bytes():
+        raise RuntimeError("the static server's copy of the day differs from the API's answer")
+    copy.unlink()
     size = body.stat().st_size
+    api, plain = statistics.median(api_seconds), statistics.median(plain_seconds)
     report.add(
         Measure(
-            "api: stream one day (plain download)",
-            seconds,
+            "api: stream one day",
+            api,
             "s",
-            f"{events:,} events, {size / MB:.0f} MB NDJSON, {events / seconds:,.0f} events/s",
+            f"{events:,} events, {size / MB:.0f} MB NDJSON, median of {runs}",
+        ),
+        Measure(
+            "api: plain download of the same bytes",
+            plain,
+            "s",
+            f"static file server, in turn with the API, median of {runs}",
+        ),
+        ratio("api: stream/plain download time", api, plain, f"{api:.2f} s vs {plain:.2f} s"),
+        Measure(
+            "api: throughput",
+            events / api,
+            "events/s",
+            f"the plain download: {events / plain:,.0f} events/s",
+            f">= {API_GOAL}",
         ),
         ratio(
             "api: server peak/idle RSS",
@@ -204,7 +264,7 @@ def bench_api(report: Report, url: str, pid: int, body: Path, events: int) -> fl
             "< 2",
         ),
     )
-    return seconds
+    return api
 
 
 def bench_loader(
@@ -366,6 +426,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="dbt data set: 30 days x (100k x F) events a day (default 1; not with --quick)",
     )
     parser.add_argument(
+        "--api-runs", type=int, default=3, help="API and plain downloads of the day, in turn"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="small sizes (50k events; 3 days x 5k): a smoke check"
     )
     args = parser.parse_args(argv)
@@ -404,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(directory)
         body = tmp / "day.ndjson"
         with events_api(args.events, tmp) as (url, pid):
-            download = bench_api(report, url, pid, body, args.events)
+            download = bench_api(report, url, pid, body, args.events, args.api_runs)
             bench_loader(report, url, body.stat().st_size, download, args.events, tmp)
         bench_parsers(report, body)
         body.unlink()

@@ -10,13 +10,18 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import pytest
+
+from event_pipeline.events import records as event_records
+from event_pipeline.events.generator import generate_day_batches
 
 NDJSON = {"Accept": "application/x-ndjson"}
 RFC_1123 = re.compile(
@@ -93,6 +98,29 @@ def test_generated_day_has_the_documented_shape(generated):
         for record in records:
             assert set(record) == {"event_id", "user", "timestamp", "event_type"}
             ipaddress.IPv4Address(record["user"])
+
+
+@pytest.mark.parametrize("first_ordinal", [1, 9_999_000])
+def test_records_put_together_in_batches_say_each_event_as_json_would(first_ordinal):
+    # The serializer builds records from byte tables, not json.dumps: compare with json.dumps of
+    # each event, also where event_ids grow past seven digits (a day of more than 9,999,999).
+    [batch, *_] = generate_day_batches(date(2024, 2, 29), 3000)
+    batch = replace(batch, first_ordinal=first_ordinal)
+    events = list(batch.events())
+    assert first_ordinal + len(events) > 10_000_000 or first_ordinal == 1
+    for record_format in event_records.RECORD_FORMATS:
+        expected = []
+        for e in events:
+            moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=e.at_ms)
+            if record_format == "book":
+                record = {"date": format_datetime(moment, usegmt=True), "user": e.user}
+            else:
+                timestamp = moment.isoformat(timespec="milliseconds")
+                record = {"event_id": e.event_id, "user": e.user, "timestamp": timestamp}
+                record["event_type"] = e.event_type
+            expected.append(json.dumps(record, separators=(",", ":")))
+        [text] = event_records.generated_records([batch], record_format)
+        assert text.decode("ascii").split("\n") == expected, record_format
 
 
 def test_same_bytes_in_every_process_and_time_zone(events_api, generated):

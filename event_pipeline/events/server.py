@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Send
 
 from event_pipeline.events import records
-from event_pipeline.events.generator import generate_range
+from event_pipeline.events.generator import generate_range_batches
 from event_pipeline.events.login import LoginConfig, require_login
 from event_pipeline.events.replay import ReplayError, read_window
 
@@ -146,7 +146,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                 return JSONResponse({"detail": f"replay: {exc}"}, status_code=500)
             lines = records.replayed_records(replayed, config.record_format)
         else:
-            generated = generate_range(start, end, config.events_per_day)
+            generated = generate_range_batches(start, end, config.events_per_day)
             lines = records.generated_records(generated, config.record_format)
 
         ndjson = _wants_ndjson(request)
