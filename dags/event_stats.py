@@ -103,8 +103,9 @@ def event_stats() -> None:
         project_config=dbt_config.project_config(),
         profile_config=dbt_config.profile_config(),
         execution_config=dbt_config.execution_config(),  # in-process dbt, "buildable" tests
-        render_config=dbt_config.render_config(),  # one `dbt build` task per node, from a manifest
-        operator_args={"vars": DBT_VARS},
+        render_config=dbt_config.render_config(),  # a `dbt build` task per model, from a manifest
+        # No unit tests in the daily builds: CI runs them (dbt_config.daily_build_flags).
+        operator_args={"vars": DBT_VARS, "dbt_cmd_flags": dbt_config.daily_build_flags()},
     )
 
     @task
