@@ -1,7 +1,7 @@
 """event_stats: each day's events, loaded into DuckDB, counted per user by dbt, then emailed.
 
-load_raw_events >> dbt (Cosmos task group: one `dbt build` task per node, the model then its
-tests) >> send_stats
+load_raw_events >> dbt (Cosmos task group: one `dbt build` task per model, the model then its
+data tests; unit tests and the seed are left to CI) >> send_stats
 
 - What a run processes (run_window.run_window, the one rule every task uses): the UTC dates
   [start_date, end_date) given as params (end_date default start_date + 1 day; the only way to
