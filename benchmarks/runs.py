@@ -8,6 +8,9 @@ of the pairs' ratios, with min and max: a ratio of commands run moments apart ho
 faster (or busier) machine. Measured:
 - a year (365 days) as ONE DAG run (`event-stats backfill`) vs one day's DAG run (`event-stats
   run`), each on a fresh warehouse, through Airflow (dag.test) with the embedded events API;
+- that day's dbt step (first dbt task's start to last one's end, from Airflow's metadata
+  database) and the whole DAG run vs the in-process floor: dbtRunner on an already loaded
+  manifest building the same models and data tests on the same warehouse, right after the run;
 - `event-stats airflow dags list` vs the plain `airflow dags list` on the same configuration, once
   set up;
 - the seed's pandas path (read_json -> groupby(['date', 'user']).size() -> CSV) vs
@@ -20,9 +23,11 @@ docs/PERFORMANCE.md (--output).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -48,6 +53,27 @@ import sys, pandas
 events = pandas.read_json(sys.argv[1], lines=True)
 events["date"] = pandas.to_datetime(events["timestamp"], utc=True).dt.date
 events.groupby(["date", "user"]).size().to_csv(sys.argv[2])
+"""
+
+# The in-process floor of a day's dbt step: the models of the DAG's dbt task group and their data
+# tests (what its tasks build, dbt_config.daily_build_flags included) in one dbtRunner call on a
+# manifest parsed beforehand. Prints the build's seconds.
+DBT_FLOOR = """
+import sys, time
+from dbt.cli.main import dbtRunner
+from event_pipeline import dbt_config, settings
+args = ["--project-dir", str(settings.dbt_project_dir()), "--quiet", "--target-path", sys.argv[1],
+        "--profiles-dir", str(settings.dbt_profiles_dir()), "--log-path", sys.argv[1],
+        "--vars", sys.argv[2]]
+parsed = dbtRunner().invoke(["parse", *args])
+assert parsed.success, parsed.exception
+models = ["stg_events__events", "int_event_stats__audit", "event_stats"]
+started = time.monotonic()
+built = dbtRunner(manifest=parsed.result).invoke(
+    ["build", "--select", *models, *dbt_config.daily_build_flags(), *args])
+seconds = time.monotonic() - started
+assert built.success, built.exception or built.result
+print(seconds)
 """
 
 
@@ -99,10 +125,43 @@ def pairs(
     return a_seconds, b_seconds
 
 
-def bench_range_run(tmp: Path, env: dict[str, str], repeat: int, days: int) -> Pair:
-    """`event-stats backfill` of `days` dates vs `event-stats run` of one, fresh warehouses."""
+def last_run_spans(airflow_home: Path) -> tuple[float, float]:
+    """(dbt step, whole DAG run) seconds of the newest DAG run in Airflow's metadata database:
+    the first dbt task's start to the last one's end, and the run's start to its end."""
+    with sqlite3.connect(airflow_home / "airflow.db") as db:
+        [(run_id, run_start, run_end)] = db.execute(
+            "select run_id, start_date, end_date from dag_run order by start_date desc limit 1"
+        ).fetchall()
+        [(dbt_start, dbt_end)] = db.execute(
+            "select min(start_date), max(end_date) from task_instance "
+            "where run_id = ? and task_id like 'dbt.%'",
+            [run_id],
+        ).fetchall()
+
+    def span(start: str, end: str) -> float:
+        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+    return span(dbt_start, dbt_end), span(run_start, run_end)
+
+
+def dbt_floor(folder: Path, env: dict[str, str], log: Path) -> float:
+    """DBT_FLOOR on the day a run left in `folder` (a rebuild: the same tables again)."""
+    dbt_vars = {"start_date": str(DAY), "audit_key": "bench-floor"}
+    argv = [sys.executable, "-c", DBT_FLOOR, str(folder / "dbt-floor"), json.dumps(dbt_vars)]
+    settings_env = {**env, "WAREHOUSE_PATH": str(folder / "warehouse.duckdb")}
+    with log.open("ab") as errors:
+        done = subprocess.run(
+            argv, env=settings_env, stdout=subprocess.PIPE, stderr=errors, text=True, check=True
+        )
+    return float(done.stdout.split()[-1])
+
+
+def bench_range_run(tmp: Path, env: dict[str, str], repeat: int, days: int) -> list[Pair]:
+    """`event-stats backfill` of `days` dates vs `event-stats run` of one, fresh warehouses; that
+    day's dbt step and DAG run vs the in-process dbt floor, measured right after it."""
     port = events_process.free_port()
     end = DAY + timedelta(days=days)
+    dbt_steps, dag_runs, floors = [], [], []
 
     def command(name: str, *args: str) -> Callable[[int], float]:
         def run(number: int) -> float:
@@ -114,6 +173,11 @@ def bench_range_run(tmp: Path, env: dict[str, str], repeat: int, days: int) -> P
             }
             argv = [str(BIN / "event-stats"), name, *args, "--port", str(port)]
             seconds = timed(argv, settings_env, tmp / f"{name}.log")
+            if name == "run":
+                dbt_step, dag_run = last_run_spans(Path(env["AIRFLOW_HOME"]))
+                dbt_steps.append(dbt_step)
+                dag_runs.append(dag_run)
+                floors.append(dbt_floor(folder, env, tmp / "dbt-floor.log"))
             shutil.rmtree(folder)
             return seconds
 
@@ -122,14 +186,32 @@ def bench_range_run(tmp: Path, env: dict[str, str], repeat: int, days: int) -> P
     backfill = command("backfill", "--start", str(DAY), "--end", str(end))
     one_day = command("run", "--start", str(DAY), "--end", str(DAY + timedelta(days=1)))
     a_seconds, b_seconds = pairs(repeat, backfill, one_day)
-    return Pair(
-        f"{days} days as one DAG run / one day's DAG run",
-        f"`event-stats backfill` ({days} days)",
-        "`event-stats run` (1 day)",
-        a_seconds,
-        b_seconds,
-        "<= 3" if days >= 365 else "",
-    )
+    floor = "in-process floor (dbtRunner, loaded manifest, same models and data tests)"
+    return [
+        Pair(
+            f"{days} days as one DAG run / one day's DAG run",
+            f"`event-stats backfill` ({days} days)",
+            "`event-stats run` (1 day)",
+            a_seconds,
+            b_seconds,
+            "<= 3" if days >= 365 else "",
+        ),
+        Pair(
+            "one day's dbt step in the DAG / in-process dbt floor",
+            "dbt task group (first start to last end)",
+            floor,
+            dbt_steps,
+            floors,
+            "<= 5",
+        ),
+        Pair(
+            "one day's DAG run / in-process dbt floor",
+            "DAG run (start to end, in `event-stats run`)",
+            floor,
+            dag_runs,
+            floors,
+        ),
+    ]
 
 
 def bench_wrapper(tmp: Path, env: dict[str, str], repeat: int) -> Pair:
@@ -286,12 +368,13 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ)
         figures = []
         for measure in (
-            lambda: bench_wrapper(tmp, env, args.repeat),
+            lambda: [bench_wrapper(tmp, env, args.repeat)],
             lambda: bench_range_run(tmp, env, args.repeat, 3 if args.quick else 365),
-            lambda: bench_pandas(tmp, env, args.repeat, 20_000 if args.quick else 1_000_000),
+            lambda: [bench_pandas(tmp, env, args.repeat, 20_000 if args.quick else 1_000_000)],
         ):
-            figures.append(measure())
-            print(figures[-1].row(), flush=True)
+            for figure in measure():
+                figures.append(figure)
+                print(figure.row(), flush=True)
     components = component_benchmark(args.quick)
     print(write_report(args.output, figures, components, args))
     return 0

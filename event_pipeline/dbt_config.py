@@ -138,6 +138,13 @@ def execution_config() -> ExecutionConfig:
     )
 
 
+def daily_build_flags() -> list[str]:
+    """Flags of every `dbt build` the DAG runs: no unit tests, which test the SQL, not the day's
+    data (a model's `dbt build` would run them each run); CI (`make test`) and a person's
+    `dbt build` run them. Every data test, the audit's included, still runs in every run."""
+    return ["--exclude-resource-type", "unit_test"]
+
+
 def render_config(**overrides: Any) -> RenderConfig:
     """How Cosmos turns the project into tasks at DAG parse.
 
@@ -147,13 +154,15 @@ def render_config(**overrides: Any) -> RenderConfig:
     the model, then its tests, so a failing test stops everything downstream (stg_events__events
     repeats the raw.events key checks, as Cosmos does not render source tests by default); the
     int_event_stats__audit task's tests gate the event_stats task, which publishes (write-audit-
-    publish). A task costs 5-10 s under the scheduler (dbt import and parse): 6 tasks per run,
-    fewer than with a separate test task per model. `overrides` win.
+    publish). Seeds are not rendered: reference data changes only with the repository, so `dbt
+    build` in CI and by hand loads it, and each task is a dbt invocation with its own parse (a
+    seed task cost a run as much as a model's). `overrides` win.
     """
     cosmos = _cosmos()
     options: dict[str, Any] = {
         "load_method": cosmos.LoadMode.DBT_MANIFEST,
         "test_behavior": cosmos.TestBehavior.BUILD,
+        "exclude": ["resource_type:seed"],
     }
     options.update(overrides)
     return cosmos.RenderConfig(**options)

@@ -18,7 +18,6 @@ from event_pipeline import dbt_config
 
 EXPECTED_TASKS = {
     "load_raw_events",
-    "dbt.event_types_seed_build",
     "dbt.stg_events__events_model_build",
     "dbt.int_event_stats__audit_model_build",
     "dbt.event_stats_model_build",

@@ -7,6 +7,7 @@ audit table) in one transaction. The tests read only the processed dates.
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import datetime
 from hashlib import md5
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from stats_warehouse import D1, D2, D3, D4, Warehouse, day_events, fill, stats_of
 
-from event_pipeline.dbt_config import DbtRunError, date_vars
+from event_pipeline.dbt_config import DbtRunError, daily_build_flags, date_vars
 
 # A data test on the stats under test that fails as soon as the user "intruder" appears.
 FAILING_TEST = "assert_no_intruder"
@@ -156,6 +157,38 @@ def test_the_audit_tests_run_before_the_publish(wh: Warehouse) -> None:
         assert "test.event_stats.assert_event_stats_reconcile_with_raw" in audit_tests
         assert len(audit_tests) == 6
         assert all(order.index(uid) < publish for uid in audit_tests)
+
+
+def test_the_dags_audit_build_runs_every_audit_test_and_no_unit_test(wh: Warehouse) -> None:
+    """The DAG's task of the audit model (Cosmos: --select its fqn, buildable tests, the DAG's
+    flags) still runs all of its data tests; only dbt's unit tests are left to CI, where a plain
+    `dbt build` runs them (and the seed)."""
+    fill(wh)
+    everything = wh.dbt("build", dbt_vars=date_vars(D2))
+    audit = "fqn:event_stats.intermediate.int_event_stats__audit"
+    daily = wh.dbt(
+        "build",
+        "--select",
+        audit,
+        "--indirect-selection",
+        "buildable",
+        *daily_build_flags(),
+        dbt_vars=date_vars(D2),
+    )
+
+    def kinds(results: list) -> Counter:
+        return Counter(r.node.resource_type for r in results)
+
+    audit_tests = {
+        r.node.unique_id
+        for r in everything
+        if r.node.resource_type == "test"
+        and "model.event_stats.int_event_stats__audit" in r.node.depends_on.nodes
+    }
+    assert len(audit_tests) == 6
+    assert {r.node.unique_id for r in daily if r.node.resource_type == "test"} == audit_tests
+    assert kinds(daily) == {"model": 1, "test": 6, "operation": 1}  # + the on-run-end hook
+    assert kinds(everything)["unit_test"] == 3 and kinds(everything)["seed"] == 1
 
 
 # --- the gate reads the processed dates only -----------------------------------------------
