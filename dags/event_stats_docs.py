@@ -9,7 +9,8 @@ event_stats -> the email.
 - Daily at 01:00 UTC, after event_stats' run of the day, so the catalog's row counts are recent;
   trigger it after changing the dbt project. Each run replaces the docs whole (a new folder
   swapped in by one rename): the UI shows the old docs or the new, never half.
-- The catalog reads the DuckDB file, so the task runs in the warehouse's one-slot pool.
+- The catalog reads the warehouse, so the task runs in the warehouse's pool (on a DuckDB file,
+  whose one slot makes it wait for the writers).
 """
 
 from __future__ import annotations
