@@ -16,9 +16,19 @@ from pathlib import Path
 import pytest
 import servers
 from raw_http_server import RawHttpServer
+from report_fixtures import stats_db_fixture
+from smtp_fixtures import smtp_server_fixture, smtps_server_fixture, starttls_server_fixture
 
 from event_pipeline import settings
 from event_pipeline.events import process as events_process
+
+# Fixtures defined beside their helpers, shared with every test module from here.
+__all__ = [
+    "smtp_server_fixture",
+    "smtps_server_fixture",
+    "starttls_server_fixture",
+    "stats_db_fixture",
+]
 
 # Airflow reads its configuration at import: set it before any test imports airflow.
 # Tests never touch the repository's .airflow: a fresh Airflow home (SQLite) per test session.

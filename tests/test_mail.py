@@ -7,12 +7,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from smtp_fixtures import (  # noqa: F401 (the *_fixture names are fixtures)
-    TlsServer,
-    self_signed,
-    smtps_server_fixture,
-    starttls_server_fixture,
-)
+from smtp_fixtures import TlsServer, self_signed
 
 from event_pipeline import airflow_support, mail
 from event_pipeline.mail import SmtpSettings

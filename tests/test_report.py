@@ -7,17 +7,7 @@ from email.headerregistry import Address
 from pathlib import Path
 
 import pytest
-from report_fixtures import (  # noqa: F401 (stats_db_fixture is the stats_db fixture)
-    DAY,
-    OTHER_DAY,
-    bodies,
-    read_eml,
-    sample_stats,
-    stats_db_fixture,
-    table,
-    write_stats,
-)
-from smtp_fixtures import smtp_server_fixture  # noqa: F401 (the smtp_server fixture)
+from report_fixtures import DAY, bodies, read_eml, sample_stats, table, write_stats
 
 from event_pipeline import mail, report, warehouse
 from event_pipeline.report import send_stats

@@ -17,19 +17,8 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
-from report_fixtures import (  # noqa: F401 (stats_db_fixture is the stats_db fixture)
-    DAY,
-    OTHER_DAY,
-    sample_stats,
-    stats_db_fixture,
-    table,
-)
-from smtp_fixtures import (  # noqa: F401 (the *_fixture names are fixtures)
-    Recorder,
-    TlsServer,
-    smtp_server_fixture,
-    smtps_server_fixture,
-)
+from report_fixtures import DAY, OTHER_DAY, sample_stats, table
+from smtp_fixtures import Recorder, TlsServer
 
 from event_pipeline import mail, report, warehouse
 from event_pipeline.events.process import free_port

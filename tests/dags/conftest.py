@@ -1,7 +1,19 @@
-"""Fixtures of the DAG tests (dag_fixtures.py), for the modules that do not import them."""
+"""Fixtures of the DAG tests (defined in dag_fixtures.py), for every module of tests/dags."""
 
 from __future__ import annotations
 
-from dag_fixtures import airflow_db_fixture, pipeline_env_fixture, start_airflow_fixture
+from dag_fixtures import (
+    airflow_db_fixture,
+    airflow_services_fixture,
+    dbt_project_copy_fixture,
+    pipeline_env_fixture,
+    start_airflow_fixture,
+)
 
-__all__ = ["airflow_db_fixture", "pipeline_env_fixture", "start_airflow_fixture"]
+__all__ = [
+    "airflow_db_fixture",
+    "airflow_services_fixture",
+    "dbt_project_copy_fixture",
+    "pipeline_env_fixture",
+    "start_airflow_fixture",
+]

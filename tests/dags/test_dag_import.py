@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dag_fixtures import DAG_FILE, dbt_project_copy_fixture  # noqa: F401 (the fixture)
+from dag_fixtures import DAG_FILE
 
 from event_pipeline import dbt_config
 

@@ -13,15 +13,7 @@ from hashlib import md5
 from pathlib import Path
 
 import pytest
-from dag_fixtures import (  # noqa: F401 (the *_fixture names are fixtures)
-    PipelineEnv,
-    airflow_db_fixture,
-    dbt_project_copy_fixture,
-    load_dag,
-    midnight,
-    pipeline_env_fixture,
-    task_states,
-)
+from dag_fixtures import PipelineEnv, load_dag, midnight, task_states
 
 from event_pipeline import loader
 from event_pipeline.dbt_config import run_dbt

@@ -13,15 +13,7 @@ import time
 from datetime import date, timedelta
 
 import pytest
-from dag_fixtures import (  # noqa: F401 (the *_fixture names are fixtures)
-    AirflowServices,
-    PipelineEnv,
-    airflow_cli,
-    airflow_db_fixture,
-    airflow_services_fixture,
-    pipeline_env_fixture,
-    start_airflow_fixture,
-)
+from dag_fixtures import AirflowServices, PipelineEnv, airflow_cli
 
 from event_pipeline import warehouse
 

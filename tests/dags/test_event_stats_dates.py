@@ -12,17 +12,8 @@ import json
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
-from dag_fixtures import (  # noqa: F401 (the *_fixture names are fixtures)
-    PipelineEnv,
-    airflow_cli,
-    airflow_db_fixture,
-    load_dag,
-    midnight,
-    pipeline_env_fixture,
-    task_states,
-)
+from dag_fixtures import PipelineEnv, airflow_cli, load_dag, midnight, task_states
 from servers import free_port
-from smtp_fixtures import smtp_server_fixture  # noqa: F401 (the smtp_server fixture)
 
 pytestmark = pytest.mark.e2e
 

@@ -12,16 +12,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
-from dag_fixtures import (  # noqa: F401 (the *_fixture names are fixtures)
-    PipelineEnv,
-    airflow_cli,
-    airflow_db_fixture,
-    load_dag,
-    midnight,
-    pipeline_env_fixture,
-    start_airflow_fixture,
-    task_states,
-)
+from dag_fixtures import PipelineEnv, airflow_cli, load_dag, midnight, task_states
 from leaks import assert_absent, warehouse_text
 
 pytestmark = pytest.mark.e2e

@@ -6,16 +6,7 @@ import json
 from datetime import date
 
 import pytest
-from dag_fixtures import (  # noqa: F401 (the *_fixture names are fixtures)
-    PipelineEnv,
-    airflow_db_fixture,
-    dbt_project_copy_fixture,
-    load_dag,
-    midnight,
-    pipeline_env_fixture,
-    task_states,
-)
-from smtp_fixtures import smtp_server_fixture  # noqa: F401 (the smtp_server fixture)
+from dag_fixtures import PipelineEnv, load_dag, midnight, task_states
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from airflow.dag_processing.dagbag import DagBag
-from dag_fixtures import airflow_db_fixture, load_dag  # noqa: F401 (the airflow_db fixture)
+from dag_fixtures import load_dag
 
 from event_pipeline import alerts, settings
 from event_pipeline.airflow_support import run_day

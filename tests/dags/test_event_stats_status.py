@@ -7,7 +7,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
-from dag_fixtures import airflow_db_fixture, midnight, task_states  # noqa: F401 (fixture)
+from dag_fixtures import midnight, task_states
 from status_pipeline import StatusPipeline, start_pipeline
 
 from event_pipeline import settings

@@ -14,16 +14,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import httpx
 import pytest
-from dag_fixtures import (  # noqa: F401 (the *_fixture names are fixtures)
-    AirflowServices,
-    PipelineEnv,
-    airflow_cli,
-    airflow_db_fixture,
-    midnight,
-    pipeline_env_fixture,
-    start_airflow_fixture,
-    wait_for,
-)
+from dag_fixtures import AirflowServices, PipelineEnv, airflow_cli, midnight, wait_for
 from servers import free_port
 
 pytestmark = pytest.mark.e2e
