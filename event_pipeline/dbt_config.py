@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from event_pipeline import settings
-from event_pipeline.warehouse import commits
+from event_pipeline.warehouse import commits, lake
 
 if TYPE_CHECKING:
     from cosmos import ExecutionConfig, ProfileConfig, ProjectConfig, RenderConfig
@@ -57,8 +57,6 @@ def dbt_env(warehouse_path: Path | None = None) -> dict[str, str]:
 def target_name(warehouse_path: Path | None = None) -> str:
     """The profiles.yml target of the warehouse's storage: `dev` (a DuckDB file) or `lake`
     (a DuckLake directory), as profiles.yml itself chooses from WAREHOUSE_PATH."""
-    from event_pipeline.warehouse import lake
-
     path = Path(warehouse_path) if warehouse_path else settings.warehouse_path()
     return "lake" if lake.is_lake(path) else "dev"
 
@@ -303,6 +301,9 @@ def run_dbt(
     if dbt_vars:
         command += ["--vars", format_vars(dbt_vars)]
     env = dbt_env(warehouse_path)
+    path = Path(warehouse_path or settings.warehouse_path())
+    if lake.is_lake(path):
+        lake.create_if_missing(path)
     attempts = settings.warehouse_commit_attempts()
     for attempt in range(1, attempts + 1):
         with _environment(env):

@@ -105,6 +105,16 @@ def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
         connection.close()
 
 
+def create_if_missing(path: Path) -> None:
+    """Create the lake at `path` unless it exists: dbt's attach cannot make its folder (SQLite
+    fails to open a catalog in a missing directory), and a lake made here gets its WAL mode."""
+    path = Path(path)
+    if settings.warehouse_catalog() or (path / CATALOG_FILE).exists():
+        return
+    with connect(path):
+        pass
+
+
 @contextmanager
 def exclusive(path: Path, name: str) -> Iterator[None]:
     """Hold the lock `name` of the lake at `path` (an OS file lock, PATH/locks/NAME.lock) until
