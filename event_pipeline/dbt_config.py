@@ -301,9 +301,6 @@ def run_dbt(
     if dbt_vars:
         command += ["--vars", format_vars(dbt_vars)]
     env = dbt_env(warehouse_path)
-    path = Path(warehouse_path or settings.warehouse_path())
-    if lake.is_lake(path):
-        lake.create_if_missing(path)
     attempts = settings.warehouse_commit_attempts()
     for attempt in range(1, attempts + 1):
         with _environment(env):

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from event_pipeline import dbt_config, settings
+from event_pipeline.warehouse import lake
 
 DOCS_FILES = ("index.html", "manifest.json", "catalog.json")
 
@@ -22,6 +23,9 @@ def generate_docs(docs_dir: Path | None = None, *, warehouse_path: Path | None =
     """Generate the dbt docs and publish them at `docs_dir` (default settings.dbt_docs_dir())."""
     docs_dir = Path(docs_dir or settings.dbt_docs_dir()).absolute()
     docs_dir.parent.mkdir(parents=True, exist_ok=True)
+    warehouse = Path(warehouse_path or settings.warehouse_path())
+    if lake.is_lake(warehouse):
+        lake.create_if_missing(warehouse)  # the catalog is read from it, even before any load
     build = Path(tempfile.mkdtemp(prefix=f".{docs_dir.name}-", dir=docs_dir.parent))
     build.chmod(0o755)  # mkdtemp makes it private; the docs are for every reader
     try:
