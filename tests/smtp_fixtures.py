@@ -11,6 +11,7 @@ import datetime
 import email
 import email.policy
 import ipaddress
+import json
 import ssl
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
@@ -67,6 +68,18 @@ class Recorder:
 
     def message_ids(self) -> list[str]:
         return [str(message["Message-ID"]) for message in self.messages]
+
+
+def airflow_connection(smtp: SmtpSettings) -> str:
+    """AIRFLOW_CONN_SMTP_DEFAULT's value for the plain (no TLS) test server at `smtp`."""
+    return json.dumps(
+        {
+            "conn_type": "smtp",
+            "host": smtp.host,
+            "port": smtp.port,
+            "extra": {"disable_ssl": True, "disable_tls": True},
+        }
+    )
 
 
 def _serve(recorder: Recorder, **options: object) -> tuple[Controller, int]:

@@ -8,12 +8,12 @@ test_event_stats_triggers.py.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from dag_fixtures import PipelineEnv, airflow_cli, load_dag, midnight, task_states
 from servers import free_port
+from smtp_fixtures import airflow_connection
 
 pytestmark = pytest.mark.e2e
 
@@ -43,13 +43,7 @@ def test_todays_incomplete_day_is_refused_and_the_failure_is_notified_by_smtp(
     pipeline_env: PipelineEnv, smtp_server, monkeypatch: pytest.MonkeyPatch
 ):
     recorder, smtp = smtp_server
-    connection = {
-        "conn_type": "smtp",
-        "host": smtp.host,
-        "port": smtp.port,
-        "extra": {"disable_ssl": True, "disable_tls": True},
-    }
-    monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT", json.dumps(connection))
+    monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT", airflow_connection(smtp))
     today = datetime.now(UTC).date()
 
     run = load_dag().test(logical_date=midnight(today))

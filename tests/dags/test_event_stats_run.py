@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from datetime import date
 
 import pytest
 from dag_fixtures import PipelineEnv, load_dag, midnight, task_states
+from smtp_fixtures import airflow_connection
 
 pytestmark = pytest.mark.e2e
 
@@ -68,13 +68,7 @@ def test_smtp_failure_keeps_the_stats_and_retrying_send_stats_alone_sends_once(
     pipeline_env: PipelineEnv, smtp_server, monkeypatch: pytest.MonkeyPatch
 ):
     recorder, smtp = smtp_server
-    connection = {
-        "conn_type": "smtp",
-        "host": smtp.host,
-        "port": smtp.port,
-        "extra": {"disable_ssl": True, "disable_tls": True},
-    }
-    monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT", json.dumps(connection))
+    monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT", airflow_connection(smtp))
     dag = load_dag()
     recorder.reject = True
 
