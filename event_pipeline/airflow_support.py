@@ -300,24 +300,30 @@ def events_api_access(conn_id: str | None = None) -> EventsApiAccess:
     return EventsApiAccess(api_url, credentials)
 
 
+@contextmanager
+def _fail_without_retry(*refusals: type[BaseException]) -> Iterator[None]:
+    """Turn `refusals` (errors a retry would meet again) into AirflowFailException, which fails
+    the task without using its retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        yield
+    except refusals as refused:
+        raise AirflowFailException(str(refused)) from None
+
+
 def load_events(dag_run: Any, params: Mapping[str, Any] | None = None) -> list[dict]:
     """The load task: log in (when configured) and load the run's window; returns the XCom.
 
-    Refused credentials and a refused window fail the task without retries
-    (AirflowFailException): a retry would ask the same again. The XCom holds dates and row
-    counts only.
+    Refused credentials and a refused window fail the task without retries: a retry would ask
+    the same again. The XCom holds dates and row counts only.
     """
-    from airflow.sdk.exceptions import AirflowFailException
-
     from event_pipeline import loader
     from event_pipeline.sources import LoginRefused
 
-    try:
+    with _fail_without_retry(WindowError, LoginRefused):
         window = run_window(dag_run, params)
-    except WindowError as refused:
-        raise AirflowFailException(str(refused)) from None
-    api = events_api_access()
-    try:
+        api = events_api_access()
         results = loader.load_range(
             window.start,
             window.end,
@@ -325,8 +331,6 @@ def load_events(dag_run: Any, params: Mapping[str, Any] | None = None) -> list[d
             api_url=api.api_url,
             credentials=api.credentials,
         )
-    except LoginRefused as refused:
-        raise AirflowFailException(str(refused)) from None
     return [{"event_date": r.event_date.isoformat(), "rows": r.rows} for r in results]
 
 
@@ -337,16 +341,12 @@ def send_emails(dag_run: Any, params: Mapping[str, Any] | None = None) -> list[d
     would meet again (a refused window, a date never built, an invalid address) fail the task
     without retries; a failed email is retried (a retry sends only what is missing).
     """
-    from airflow.sdk.exceptions import AirflowFailException
-
     from event_pipeline import report
     from event_pipeline.mail import InvalidAddressError
 
-    try:
+    with _fail_without_retry(WindowError, report.StatsNotBuiltError, InvalidAddressError):
         days = run_window(dag_run, params).days()
         results = report.send_stats_dates(days, smtp=smtp_settings())
-    except (WindowError, report.StatsNotBuiltError, InvalidAddressError) as refused:
-        raise AirflowFailException(str(refused)) from None
     return [
         {"date": r.event_date.isoformat(), "recipient": r.recipient, "status": r.status}
         for r in results

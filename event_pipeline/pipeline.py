@@ -253,7 +253,7 @@ def run_dates(
             dag_run = dag.test(logical_date=logical_date)
         if interrupts:
             interrupts.check()  # a signal Airflow's handler took after the last task's hooks
-        states[day] = str(getattr(dag_run.state, "value", dag_run.state))
+        states[day] = _run_state(dag_run)
         print(f" {states[day]} ({time.monotonic() - started:.0f} s)", file=console, flush=True)
 
 
@@ -304,9 +304,14 @@ def run_range(
             interrupts.check()
     finally:
         listeners.pm.unregister(progress)
-    state = str(getattr(dag_run.state, "value", dag_run.state))
+    state = _run_state(dag_run)
     states.update(dict.fromkeys(days, state))
     print(f"  {_span(days)}: {state} ({progress.elapsed():.0f} s)", file=console, flush=True)
+
+
+def _run_state(dag_run: Any) -> str:
+    """A DAG run's state as text ("success", "failed"), whether Airflow gave an enum or a str."""
+    return str(getattr(dag_run.state, "value", dag_run.state))
 
 
 def _stamp() -> str:

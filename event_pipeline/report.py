@@ -519,8 +519,6 @@ def send_stats_dates(
             except SendStatsError as error:
                 results += error.results
                 failed.append(error)
-    if len(failed) == 1 and len(event_dates) == 1:
-        raise failed[0]
     if failed:
         raise SendStatsError("\n".join(str(error) for error in failed), results)
     return results
