@@ -432,8 +432,11 @@ class PeakRss:
 def server_pid(base: str) -> int:
     port = base.rsplit(":", 1)[1]
     for child in psutil.Process().children():
-        if port in child.cmdline():
-            return child.pid
+        try:
+            if port in child.cmdline():
+                return child.pid
+        except psutil.Error:  # an earlier test's server that has exited (a zombie until reaped)
+            continue
     raise AssertionError(f"no server process of ours listens on port {port}")
 
 

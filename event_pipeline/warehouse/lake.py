@@ -88,7 +88,10 @@ def connect(path: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
     if not read_only:
         (path / DATA_DIR).mkdir(parents=True, exist_ok=True)
         if not settings.warehouse_catalog():  # a PostgreSQL catalog has no journal to set
-            use_wal(path / CATALOG_FILE)
+            # Two first writers at once: the one that finds the catalog in rollback mode must
+            # not switch it while the other is creating its tables (SQLite: "locked").
+            with exclusive(path, "catalog"):
+                use_wal(path / CATALOG_FILE)
     connection = duckdb.connect(config=CONFIG)
     try:
         # In-memory DuckDB spills to ./.tmp by default; keep spill files beside the data.
