@@ -30,14 +30,14 @@ def write_stats(
         )
         connection.execute(
             "create table if not exists ops.build_log (event_date date, invocation_id varchar, "
-            "users bigint, events bigint, built_at timestamp)"
+            "users bigint, events bigint, built_at timestamp, audit_key varchar)"
         )
         if rows:
             connection.executemany("insert into analytics.event_stats values (?, ?, ?)", rows)
         for day in sorted({row[0] for row in rows} | set(built)):
             connection.execute(
                 "insert into ops.build_log select ?, 'test-build', count(*), "
-                "coalesce(sum(event_count), 0), now()::timestamp "
+                "coalesce(sum(event_count), 0), now()::timestamp, null "
                 "from analytics.event_stats where event_date = ?",
                 [day, day],
             )

@@ -36,9 +36,47 @@
 
 
 {#
+    Whether this build's publish already committed: its audit table is gone and ops.build_log
+    holds a row of this audit_key for every processed date. An Airflow retry of the publish task
+    after its commit (a worker killed before it reported success) then republishes the
+    published rows, a no-op, instead of failing for want of an audit table. Only with var
+    audit_key: a build without one cannot tell its own publish from another's.
+#}
+{% macro already_published() -%}
+    {%- set audit_key = var('audit_key', none) -%}
+    {%- if not execute or audit_key is none or audit_key | string | trim == '' -%}
+        {{ return(false) }}
+    {%- endif -%}
+    {%- if load_relation(ref('int_event_stats__audit')) is not none -%}
+        {{ return(false) }}
+    {%- endif -%}
+    {%- set log = build_log_relation() -%}
+    {%- if load_relation(log) is none
+        or 'audit_key' not in adapter.get_columns_in_relation(log) | map(attribute='name') -%}
+        {{ return(false) }}
+    {%- endif -%}
+    {%- set date_range = processed_date_range() -%}
+    {%- set query -%}
+        select
+            count(distinct event_date) as logged,
+            {% if date_range is none -%}
+                1
+            {%- else -%}
+                date_diff('day', date '{{ date_range.start }}', date '{{ date_range.end }}')
+            {%- endif %} as wanted
+        from {{ log }}
+        where audit_key = '{{ audit_key | replace("'", "''") }}'
+            and {{ processed_dates_filter('event_date') }}
+    {%- endset -%}
+    {%- set row = run_query(query).rows[0] -%}
+    {{ return(row[0] > 0 and row[0] >= row[1]) }}
+{%- endmacro %}
+
+
+{#
     Pre-hook of event_stats: refuse to publish without an audit table, with the command that
     makes one (e.g. event_stats built alone after an earlier build published and dropped it, or
-    after its audit failed).
+    after its audit failed), unless this build's publish already committed (already_published).
 #}
 {% macro require_audited_stats() -%}
     {%- set audited = ref('int_event_stats__audit') -%}
@@ -46,11 +84,16 @@
         {%- set date_range = processed_date_range() -%}
         {%- set dates = 'every date' if date_range is none
             else date_range.start ~ ' to ' ~ date_range.end ~ ' (end excluded)' -%}
-        {{ exceptions.raise_compiler_error(
-            "No audited stats to publish for " ~ dates ~ ": " ~ audited ~ " does not exist "
-            ~ "(already published, or its audit failed). Build and test them first: "
-            ~ "dbt build --select int_event_stats__audit+ with the same vars."
-        ) }}
+        {%- if already_published() -%}
+            {{ log('The stats of ' ~ dates ~ ' audited by ' ~ var('audit_key')
+                ~ ' were already published: published again unchanged.', info=true) }}
+        {%- else -%}
+            {{ exceptions.raise_compiler_error(
+                "No audited stats to publish for " ~ dates ~ ": " ~ audited ~ " does not exist "
+                ~ "(already published, or its audit failed). Build and test them first: "
+                ~ "dbt build --select int_event_stats__audit+ with the same vars."
+            ) }}
+        {%- endif -%}
     {%- endif -%}
 {%- endmacro %}
 
@@ -63,6 +106,9 @@
     processed dates exactly as int_event_stats__audit counts them and compares row for row.
 #}
 {% macro require_audit_matches_raw() -%}
+    {%- if already_published() -%}
+        {{ return('select 1') }}
+    {%- endif -%}
     {%- set audited = ref('int_event_stats__audit') -%}
     {%- set dates = processed_dates_filter('event_date') -%}
     with audited as (
@@ -90,9 +136,10 @@
 {%- endmacro %}
 
 
-{# Post-hook of event_stats, inside the publish's transaction: the audit table is consumed. #}
+{# Post-hook of event_stats, inside the publish's transaction: the audit table is consumed
+(already gone when the build republished, see already_published). #}
 {% macro drop_audited_stats() -%}
-    drop table {{ ref('int_event_stats__audit') }}
+    drop table if exists {{ ref('int_event_stats__audit') }}
 {%- endmacro %}
 
 

@@ -2,7 +2,8 @@
     ops.build_log: one row per processed date per build of event_stats, the ledger that says a
     date's stats were built (send-stats refuses a date without one; status reads it).
 
-        event_date DATE, invocation_id VARCHAR, users BIGINT, events BIGINT, built_at TIMESTAMP
+        event_date DATE, invocation_id VARCHAR, users BIGINT, events BIGINT, built_at TIMESTAMP,
+        audit_key VARCHAR (var audit_key, the Airflow run id; null without it)
 
     users and events are what event_stats holds for the date after the build (0 and 0 for a date
     with no events). With vars the dates are [start_date, end_date), every one of them; without
@@ -43,10 +44,14 @@
         invocation_id varchar not null,
         users bigint not null,
         events bigint not null,
-        built_at timestamp not null
+        built_at timestamp not null,
+        audit_key varchar
     );
+    {#- A ledger made before audit_key was recorded gains the column. #}
+    alter table {{ log }} add column if not exists audit_key varchar;
 
-    insert into {{ log }} (event_date, invocation_id, users, events, built_at)
+    {%- set audit_key = var('audit_key', none) %}
+    insert into {{ log }} (event_date, invocation_id, users, events, built_at, audit_key)
     with built_dates as (
         {% if date_range is none -%}
             select event_date from event_stats__replaced_dates
@@ -74,7 +79,12 @@
         '{{ invocation_id }}' as invocation_id,
         coalesce(published.users, 0) as users,
         cast(coalesce(published.events, 0) as bigint) as events,
-        cast(now() at time zone 'UTC' as timestamp) as built_at
+        cast(now() at time zone 'UTC' as timestamp) as built_at,
+        {% if audit_key is none or audit_key | string | trim == '' -%}
+            cast(null as varchar)
+        {%- else -%}
+            '{{ audit_key | string | replace("'", "''") }}'
+        {%- endif %} as audit_key
     from built_dates
     left join published on built_dates.event_date = published.event_date;
 

@@ -352,6 +352,7 @@ def test_build_log_has_every_date_of_the_vars_range_including_an_empty_one(wh: W
         ("users", "BIGINT"),
         ("events", "BIGINT"),
         ("built_at", "TIMESTAMP"),
+        ("audit_key", "VARCHAR"),
     ]
 
 

@@ -253,3 +253,50 @@ def test_a_change_of_the_public_columns_is_refused_before_the_publish(
         "where table_schema = 'analytics' and table_name = 'event_stats' order by ordinal_position"
     )
     assert types == [("DATE",), ("VARCHAR",), ("BIGINT",)]
+
+
+def test_a_retry_of_a_publish_that_committed_republishes_the_same_rows(wh: Warehouse) -> None:
+    """A worker killed after the publish committed but before Airflow recorded it: the retry of
+    the publish task alone (same audit_key, the run id) succeeds and changes no stats; another
+    run's publish alone is still refused, having no audit table of its own."""
+    fill(wh)
+    run = {**date_vars(D2), "audit_key": "scheduled__2024-03-02T00:00:00+00:00"}
+    wh.build(run)
+    stats = wh.stats()
+
+    wh.build(run, "--select", PUBLISH)
+
+    assert wh.stats() == stats
+    assert stats_of(stats, D2) == stats_of(wh.expected_stats(), D2)
+    assert audit_tables(wh) == []
+    logged = wh.execute(
+        "select event_date, users, events from ops.build_log where audit_key = ? order by all",
+        [run["audit_key"]],
+    )
+    assert len(logged) == 2 and logged[0] == logged[1]
+    other = {**date_vars(D2), "audit_key": "manual__2024-03-02T00:00:00+00:00"}
+    with pytest.raises(DbtRunError, match="No audited stats to publish for 2024-03-02"):
+        wh.build(other, "--select", PUBLISH)
+    # A range the run did not publish whole is not "already published" either.
+    wider = {**date_vars(D2, D4), "audit_key": run["audit_key"]}
+    with pytest.raises(DbtRunError, match="No audited stats to publish for 2024-03-02"):
+        wh.build(wider, "--select", PUBLISH)
+    assert wh.stats() == stats
+
+
+def test_a_build_log_without_audit_keys_gains_the_column(wh: Warehouse) -> None:
+    """A ledger written before builds recorded their audit_key: the next build adds the column
+    (earlier rows null) and a publish alone without an audit table is still refused."""
+    fill(wh)
+    wh.build(date_vars(D1))
+    wh.execute("alter table ops.build_log drop column audit_key")
+    run = {**date_vars(D2), "audit_key": "scheduled__2024-03-02T00:00:00+00:00"}
+    with pytest.raises(DbtRunError, match="No audited stats to publish for 2024-03-02"):
+        wh.build(run, "--select", PUBLISH)
+
+    wh.build(run)
+
+    assert wh.execute("select event_date, audit_key from ops.build_log order by all") == [
+        (D1, None),
+        (D2, run["audit_key"]),
+    ]

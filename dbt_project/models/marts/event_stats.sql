@@ -4,7 +4,8 @@
     [var start_date, var end_date) is replaced whole, including dates that became empty in raw
     (meta.replace_where, see macros/delete_insert_replace_where.sql); other dates are not touched.
     Without vars every date is processed, so the table is made equal to raw.events. A pre-hook
-    refuses audited stats that raw.events no longer matches (macros/audit.sql).
+    refuses audited stats that raw.events no longer matches (macros/audit.sql). A retry of a
+    publish that already committed (same audit_key) republishes the published rows unchanged.
     In the same transaction the post-hooks record the build in ops.build_log
     (macros/build_log.sql) and drop the audit table (macros/audit.sql).
 #}
@@ -32,7 +33,11 @@
 
 with audited as (
 
-    select * from {{ ref('int_event_stats__audit') }}
+    {% if already_published() -%}
+        select * from {{ this }}
+    {%- else -%}
+        select * from {{ ref('int_event_stats__audit') }}
+    {%- endif %}
     where {{ processed_dates_filter('event_date') }}
 
 ),
