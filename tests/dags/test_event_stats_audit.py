@@ -2,6 +2,7 @@
 
 A failing data test of the audited stats fails its Cosmos task: the publishing task and
 send_stats never run, and analytics.event_stats and ops.build_log are unchanged for every date.
+A publishing task that fails after its commit is retried and republishes the same rows.
 """
 
 from __future__ import annotations
@@ -99,3 +100,45 @@ def test_a_failing_audit_test_in_the_dag_changes_nothing_and_sends_nothing(
     assert task_states(alone)[PUBLISH_TASK] == "failed"
     assert published(pipeline_env) == before
     assert pipeline_env.emails() == []
+
+
+def test_a_publish_task_that_fails_after_its_commit_is_retried_and_changes_nothing(
+    pipeline_env: PipelineEnv,
+):
+    """The publish task's first try commits and then fails before Airflow records its success
+    (a worker lost at that moment): its retry, the same run, republishes the same rows, and the
+    run goes on to email the day once."""
+    dag = load_dag(retries=1)
+    tries = []
+
+    def lost_after_commit(context, result) -> None:
+        tries.append(context["ti"].try_number)
+        if len(tries) == 1:
+            raise RuntimeError("worker lost after the publish committed")
+
+    dag.get_task(PUBLISH_TASK)._post_execute_hook = lost_after_commit
+
+    run = dag.test(logical_date=midnight(DAY))
+
+    states = task_states(run)
+    assert str(run.state) == "success", states
+    assert tries == [1, 2]
+    recount = pipeline_env.query(
+        "select event_date, user_id, count(*) from raw.events where event_date = ? "
+        "group by all order by all",
+        [DAY],
+    )
+    assert recount  # the day has events
+    assert (
+        pipeline_env.query(
+            "select * from analytics.event_stats where event_date = ? order by all", [DAY]
+        )
+        == recount
+    )
+    # Both tries of the publish are in the ledger, under the run's audit_key, with equal totals.
+    builds = pipeline_env.query(
+        "select users, events from ops.build_log where event_date = ? and audit_key = ?",
+        [DAY, run.run_id],
+    )
+    assert len(builds) == 2 and builds[0] == builds[1]
+    assert len(pipeline_env.emails()) == 1
