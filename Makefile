@@ -12,7 +12,9 @@ env:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 \
 		|| $(PYTHON) -m pip install --quiet uv \
 		|| $(PYTHON) -m pip install --quiet --user --break-system-packages uv
-	$(UV) sync --locked
+	@# Bytecode compiled once here: where PYTHONDONTWRITEBYTECODE is set (CI images often set it),
+	@# every process would otherwise compile Airflow and dbt from source again at each import.
+	$(UV) sync --locked --compile-bytecode
 	@# the DuckLake extensions, from their PyPI packages into DuckDB's extension directory
 	$(RUN) python -c "from event_pipeline.warehouse import lake; lake.install_extensions()"
 	@# the dbt manifest the DAG renders from, so that no DAG parse has to run `dbt parse`
