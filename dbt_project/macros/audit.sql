@@ -39,8 +39,10 @@
     Whether this build's publish already committed: its audit table is gone and ops.build_log
     holds a row of this audit_key for every processed date. An Airflow retry of the publish task
     after its commit (a worker killed before it reported success) then republishes the
-    published rows, a no-op, instead of failing for want of an audit table. Only with var
-    audit_key: a build without one cannot tell its own publish from another's.
+    published rows instead of failing for want of an audit table, provided they still match
+    raw.events (require_audit_matches_raw), and writes no second ledger row. Only with var
+    audit_key and dates: a build without a key cannot tell its own publish from another's, and
+    a build without dates must make the whole table equal to raw from a fresh audit.
 #}
 {% macro already_published() -%}
     {%- set audit_key = var('audit_key', none) -%}
@@ -56,14 +58,13 @@
         {{ return(false) }}
     {%- endif -%}
     {%- set date_range = processed_date_range() -%}
+    {%- if date_range is none -%}
+        {{ return(false) }}
+    {%- endif -%}
     {%- set query -%}
         select
             count(distinct event_date) as logged,
-            {% if date_range is none -%}
-                1
-            {%- else -%}
-                date_diff('day', date '{{ date_range.start }}', date '{{ date_range.end }}')
-            {%- endif %} as wanted
+            date_diff('day', date '{{ date_range.start }}', date '{{ date_range.end }}') as wanted
         from {{ log }}
         where audit_key = '{{ audit_key | replace("'", "''") }}'
             and {{ processed_dates_filter('event_date') }}
@@ -104,12 +105,12 @@
     publish task running after another run reloaded the date) passed its tests on the old
     events; publishing it would make the stats disagree with raw. The check recounts the
     processed dates exactly as int_event_stats__audit counts them and compares row for row.
+    A republish (already_published) compares the published rows instead: a run's publish
+    retried after raw changed is refused, never a way to put back or confirm stale stats.
 #}
 {% macro require_audit_matches_raw() -%}
-    {%- if already_published() -%}
-        {{ return('select 1') }}
-    {%- endif -%}
-    {%- set audited = ref('int_event_stats__audit') -%}
+    {%- set republish = already_published() -%}
+    {%- set audited = this if republish else ref('int_event_stats__audit') -%}
     {%- set dates = processed_dates_filter('event_date') -%}
     with audited as (
         select event_date, user_id, event_count from {{ audited }} where {{ dates }}
@@ -126,7 +127,12 @@
         (select * from recounted except all select * from audited)
     )
     select error(
-        'Audited stats in {{ audited }} no longer match raw.events for '
+        {% if republish -%}
+            'The stats in {{ audited }} that run {{ var("audit_key") | replace("'", "''") }} '
+            || 'published no longer match raw.events for '
+        {%- else -%}
+            'Audited stats in {{ audited }} no longer match raw.events for '
+        {%- endif %}
         || string_agg(distinct cast(event_date as varchar), ', ' order by cast(event_date as varchar))
         || ': raw changed after the audit, so they were not published. Build and test them '
         || 'again: dbt build --select int_event_stats__audit+ with the same vars.'

@@ -34,8 +34,12 @@
 {%- endmacro %}
 
 
-{# Post-hook of event_stats (inside its transaction, after the publish). #}
+{# Post-hook of event_stats (inside its transaction, after the publish). A republish of what
+this run already published (already_published) changes no table, the ledger included. #}
 {% macro write_build_log() -%}
+    {%- if already_published() -%}
+        {{ return('select 1') }}
+    {%- endif -%}
     {%- set date_range = processed_date_range() -%}
     {%- set log = build_log_relation() -%}
     create schema if not exists {{ log.without_identifier() }};

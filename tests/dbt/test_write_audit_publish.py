@@ -257,31 +257,50 @@ def test_a_change_of_the_public_columns_is_refused_before_the_publish(
 
 def test_a_retry_of_a_publish_that_committed_republishes_the_same_rows(wh: Warehouse) -> None:
     """A worker killed after the publish committed but before Airflow recorded it: the retry of
-    the publish task alone (same audit_key, the run id) succeeds and changes no stats; another
-    run's publish alone is still refused, having no audit table of its own."""
+    the publish task alone (same audit_key, the run id) succeeds and changes no table, the
+    ledger included; another run's publish alone, a wider range, or a build without dates is
+    still refused, having no audit table of its own."""
     fill(wh)
     run = {**date_vars(D2), "audit_key": "scheduled__2024-03-02T00:00:00+00:00"}
     wh.build(run)
-    stats = wh.stats()
+    before = published(wh)
 
     wh.build(run, "--select", PUBLISH)
 
-    assert wh.stats() == stats
-    assert stats_of(stats, D2) == stats_of(wh.expected_stats(), D2)
+    assert published(wh) == before
+    assert stats_of(wh.stats(), D2) == stats_of(wh.expected_stats(), D2)
     assert audit_tables(wh) == []
-    logged = wh.execute(
-        "select event_date, users, events from ops.build_log where audit_key = ? order by all",
-        [run["audit_key"]],
-    )
-    assert len(logged) == 2 and logged[0] == logged[1]
     other = {**date_vars(D2), "audit_key": "manual__2024-03-02T00:00:00+00:00"}
-    with pytest.raises(DbtRunError, match="No audited stats to publish for 2024-03-02"):
-        wh.build(other, "--select", PUBLISH)
-    # A range the run did not publish whole is not "already published" either.
     wider = {**date_vars(D2, D4), "audit_key": run["audit_key"]}
-    with pytest.raises(DbtRunError, match="No audited stats to publish for 2024-03-02"):
-        wh.build(wider, "--select", PUBLISH)
-    assert wh.stats() == stats
+    every_date = {"audit_key": run["audit_key"]}
+    for refused in (other, wider, every_date):
+        with pytest.raises(DbtRunError, match="No audited stats to publish for"):
+            wh.build(refused, "--select", PUBLISH)
+    assert published(wh) == before
+
+
+def test_a_retry_of_a_publish_after_raw_changed_is_refused(
+    project_copy: tuple[Path, Warehouse],
+) -> None:
+    """A run published D2, then raw changed (another run reloaded it; its audit may even have
+    failed): the first run's publish retried alone must neither put back nor confirm its
+    stats, which raw no longer matches."""
+    project, wh = project_copy
+    add_failing_test(project)
+    fill(wh)
+    run = {**date_vars(D2), "audit_key": "scheduled__2024-03-02T00:00:00+00:00"}
+    wh.build(run)
+    before = published(wh)
+    wh.add_events([("i-1", "intruder", datetime(2024, 3, 2, 9))])
+    with pytest.raises(DbtRunError, match=FAILING_TEST):
+        wh.build({**date_vars(D2), "audit_key": "manual__2024-03-02T00:00:00+00:00"})
+
+    with pytest.raises(
+        DbtRunError, match="published no longer match raw.events for 2024-03-02: raw changed"
+    ):
+        wh.build(run, "--select", PUBLISH)
+
+    assert published(wh) == before
 
 
 def test_a_build_log_without_audit_keys_gains_the_column(wh: Warehouse) -> None:
